@@ -1,0 +1,210 @@
+"""
+What every script shares: the presets, flag parsing, clear errors, atomic checkpoints, the base
+model loader and text generation. Kept small on purpose; the method lives in the other files.
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from model import GPT, GPTConfig
+from tasks import DOMAINS, get_tokenizer, tokenizer_info
+
+# Every hyperparameter of every stage, per preset. Each key becomes a --flag of the script that
+# reads its section, so any of them can be overridden from the command line.
+PRESETS = {
+    "smoke": {
+        "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
+        "pretrain": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, bug_rate=0.6, mixed_frac=0.15,
+                         eval_n=8, pass_k=4, seed=0, compile=False, bf16=False),
+        "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
+                       eval_n=8, seed=0),
+    },
+    "cpu": {
+        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+        "pretrain": dict(steps=1500, batch_size=64, lr=3e-3, warmup=100, bug_rate=0.6, mixed_frac=0.15,
+                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False),
+        "expert": dict(steps=60, prompts=16, group=8, lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
+                       eval_n=100, seed=0),
+    },
+    "gpu": {
+        "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
+        "pretrain": dict(steps=3000, batch_size=256, lr=1e-3, warmup=200, bug_rate=0.6, mixed_frac=0.15,
+                         eval_n=500, pass_k=8, seed=0, compile=True, bf16=True),
+        "expert": dict(steps=150, prompts=64, group=16, lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
+                       eval_n=500, seed=0),
+    },
+}
+
+
+def die(msg):
+    """Bad input ends the script with one clear line, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        die(f"{self.prog}: {message}")
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: {"1": True, "true": True, "0": False, "false": False}[s.lower()]
+    return type(default)
+
+
+def parse_args(description, sections, add_args=None, argv=None):
+    """--preset picks the defaults of `sections`; every key there becomes a flag. add_args(parser)
+    adds the script's own flags."""
+    default_preset = "gpu" if torch.cuda.is_available() else "cpu"
+    pre = Parser(add_help=False)
+    pre.add_argument("--preset", default=default_preset)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset not in PRESETS:
+        die(f"unknown preset {known.preset!r} (choose from {', '.join(PRESETS)})")
+    p = Parser(description=description)
+    p.add_argument("--preset", default=default_preset, help=f"one of {', '.join(PRESETS)} (default {default_preset})")
+    p.add_argument("--out_dir", default=None, help="where everything is read and written (default out/PRESET)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for section in sections:
+        for key, val in PRESETS[known.preset][section].items():
+            p.add_argument(f"--{key}", type=_flag_type(val), default=val, help=f"[{section}] default {val}")
+    if add_args:
+        add_args(p)
+    args = p.parse_args(argv)
+    for key, val in vars(args).items():
+        if isinstance(val, (int, float)) and not isinstance(val, bool) and val < 0:
+            die(f"--{key} must not be negative (got {val})")
+    args.out_dir = args.out_dir or os.path.join("out", args.preset)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die("--device cuda asked for, but CUDA is not available")
+    return args
+
+
+def check_domain(domain):
+    if domain not in DOMAINS:
+        die(f"unknown domain {domain!r} (choose from {', '.join(DOMAINS)})")
+
+
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        die(f"cannot write to output folder {path!r}: {e.strerror}")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, what="checkpoint", keys=()):
+    """torch.load with weights_only=True (a checkpoint can never run code) and clear errors."""
+    if not os.path.exists(path):
+        die(f"{what} not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable {what} ({type(e).__name__}); it may be truncated or not a checkpoint")
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        die(f"{path} is not a {what}: missing {', '.join(missing)}")
+    return ckpt
+
+
+def fingerprint(state_dict):
+    """A short hash of the weights: adapters remember the base they were trained on."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_base(out_dir, device):
+    """The frozen base model from OUT/base.pt, with its tokenizer checked."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "base.pt"), "base model",
+                           keys=("model", "model_config", "tokenizer", "fingerprint"))
+    enc = get_tokenizer()
+    if ckpt["tokenizer"] != tokenizer_info(enc):
+        die("base.pt was trained with another tokenizer")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, enc, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# batches and generation
+
+def encode_example(enc, prompt, completion=None):
+    """BOS + prompt (+ completion + EOS). Returns ids and how many of them are prompt."""
+    bos, eos = enc.encode_single_token("<|bos|>"), enc.encode_single_token("<|eos|>")
+    p = [bos] + enc.encode_ordinary(prompt)
+    if completion is None:
+        return p, len(p)
+    return p + enc.encode_ordinary(completion) + [eos], len(p)
+
+
+def completion_batch(enc, seqs, device):
+    """Right-padded (idx, targets) for next-token training on completion tokens only: targets are
+    -1 on the prompt and on padding. seqs is a list of (ids, n_prompt)."""
+    pad = enc.encode_single_token("<|pad|>")
+    T = max(len(ids) for ids, _ in seqs) - 1
+    idx = torch.full((len(seqs), T), pad, dtype=torch.long)
+    tgt = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(seqs):
+        ids = torch.tensor(ids)
+        idx[i, :len(ids) - 1] = ids[:-1]
+        tgt[i, n_prompt - 1:len(ids) - 1] = ids[n_prompt:]
+    return idx.to(device), tgt.to(device)
+
+
+def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generator=None, batch_size=256):
+    """Completions (strings, without EOS) for a list of prompt strings, in batches."""
+    eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+        for c in model.generate(ids, max_new_tokens, eos, pad, temperature=temperature, generator=generator):
+            out.append(enc.decode([t for t in c if t != eos]))
+    return out
+
+
+def autocast(args):
+    if getattr(args, "bf16", False) and args.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self):
+        return time.time() - self.t0

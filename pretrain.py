@@ -1,0 +1,116 @@
+"""
+Pretrain the base model: a generic, fluent but unreliable reasoner.
+
+It sees every domain's format, and mixed two-question prompts, but a share (--bug_rate) of its
+training traces come from each domain's buggy solver (tasks.py). Greedy decoding then tends to
+follow the bug while sampling still finds correct traces: the signal RLVF needs in stage 1.
+
+    python pretrain.py                    # cpu preset: ~5 minutes on 2 cores
+    python pretrain.py --preset smoke     # seconds
+Writes OUT/base.pt: weights, model config, tokenizer, training config, fingerprint, metrics.
+"""
+import math
+import os
+import random
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from common import (Timer, autocast, completion_batch, encode_example, fingerprint, generate_text,
+                    make_out_dir, parse_args, save_atomic)
+from model import GPT, GPTConfig
+from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
+                   sample, sample_mixed, score, stream_rng, tokenizer_info)
+
+
+def pretrain_batch(rng, n, bug_rate, mixed_frac):
+    """n training examples: single questions of random domains, or (a mixed_frac share of batches)
+    mixed two-question prompts. Whole batches of one kind keep padding short."""
+    if rng.random() < mixed_frac:
+        return [sample_mixed(*rng.sample(DOMAINS, 2), "train", rng, bug_rate) for _ in range(n)]
+    return [sample(rng.choice(DOMAINS), "train", rng, bug_rate) for _ in range(n)]
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def evaluate(model, enc, n, pass_k, seed=0):
+    """Greedy accuracy per domain and on mixed prompts, and pass@k with temperature-1 samples."""
+    model.eval()
+    acc, pass_at = {}, {}
+    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+    for d in DOMAINS:
+        exs = examples(d, "test", n)
+        prompts = [e["prompt"] for e in exs]
+        outs = generate_text(model, enc, prompts, MAX_NEW_TOKENS)
+        acc[d] = sum(score(e, o) for e, o in zip(exs, outs)) / n
+        if pass_k:
+            samples = generate_text(model, enc, [p for p in prompts for _ in range(pass_k)], MAX_NEW_TOKENS,
+                                    temperature=1.0, generator=g)
+            hits = [max(score(e, s) for s in samples[i * pass_k:(i + 1) * pass_k]) for i, e in enumerate(exs)]
+            pass_at[d] = sum(hits) / n
+    exs = mixed_examples("test", n)
+    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS_MIXED)
+    acc["mixed"] = sum(score(e, o) for e, o in zip(exs, outs)) / n
+    return acc, pass_at
+
+
+def main():
+    args = parse_args(__doc__, ["model", "pretrain"])
+    make_out_dir(args.out_dir)
+    torch.manual_seed(args.seed)
+    enc = get_tokenizer()
+    config = GPTConfig(vocab_size=enc.n_vocab, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       block_size=args.block_size)
+    model = GPT(config).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"base model: {n_params / 1e6:.2f}M parameters, {config}")
+    fused = args.device.startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
+    step_fn = torch.compile(model) if args.compile else model
+    rng = stream_rng("pretrain", "train", args.seed)
+    timer = Timer()
+    losses = []
+    bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True)
+    for step in bar:
+        batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
+        idx, tgt = completion_batch(enc, [encode_example(enc, e["prompt"], e["completion"]) for e in batch],
+                                    args.device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        with autocast(args):
+            _, loss = step_fn(idx, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"error: loss became {losses[-1]} at step {step}; lower --lr")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    train_s = timer()
+    print(f"trained {args.steps} steps in {train_s:.0f}s | loss {sum(losses[:10]) / min(10, len(losses)):.3f} "
+          f"-> {sum(losses[-10:]) / min(10, len(losses)):.3f}")
+
+    acc, pass_at = evaluate(model, enc, args.eval_n, args.pass_k, args.seed)
+    for d in DOMAINS:
+        extra = f" | pass@{args.pass_k} {pass_at[d]:.2f}" if args.pass_k else ""
+        print(f"base {d:5s} | greedy {acc[d]:.2f}{extra}")
+    print(f"base mixed | greedy {acc['mixed']:.2f}")
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_atomic({"model": state, "model_config": asdict(config), "tokenizer": tokenizer_info(enc),
+                 "train_config": vars(args), "fingerprint": fingerprint(state),
+                 "metrics": {"loss": losses, "accuracy": acc, f"pass@{args.pass_k}": pass_at,
+                             "train_seconds": train_s}},
+                os.path.join(args.out_dir, "base.pt"))
+    print(f"wrote {os.path.join(args.out_dir, 'base.pt')} | total wall time {timer():.0f}s")
+
+
+if __name__ == "__main__":
+    main()

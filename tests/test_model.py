@@ -1,0 +1,73 @@
+import torch
+
+from model import GPT, GPTConfig
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def naive_greedy(model, prompt, n, eos):
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        logits, _ = model(torch.tensor([seq]))
+        t = int(logits[0, -1].argmax())
+        out.append(t)
+        seq.append(t)
+        if t == eos:
+            break
+    return out
+
+
+def test_cached_batched_generation_matches_naive():
+    model = tiny()
+    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6, 7, 8], [1, 9], [1, 3, 3, 3, 3]]
+    eos, pad = 39, 0
+    cached = model.generate(prompts, 12, eos, pad)
+    uncached = model.generate(prompts, 12, eos, pad, use_cache=False)
+    for p, c, u in zip(prompts, cached, uncached):
+        ref = naive_greedy(model, p, 12, eos)
+        assert c == ref
+        assert u == ref
+
+
+def test_rows_stop_at_eos():
+    model = tiny()
+    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6], [1, 9]]
+    full = model.generate(prompts, 12, eos_id=-1, pad_id=0)  # -1 never occurs: no row stops
+    eos = full[0][3]
+    outs = model.generate(prompts, 12, eos_id=eos, pad_id=0)
+    for f, o in zip(full, outs):
+        expected = f[:f.index(eos) + 1] if eos in f else f
+        assert o == expected
+
+
+def test_sampling_is_seeded():
+    model = tiny()
+    prompts = [[1, 5], [1, 6, 7]]
+    a = model.generate(prompts, 10, 39, 0, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompts, 10, 39, 0, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert a == b
+
+
+def test_loss_ignores_masked_targets():
+    model = tiny()
+    idx = torch.randint(0, 40, (2, 10))
+    tgt = idx.clone()
+    tgt[:, :5] = -1
+    _, loss = model(idx, tgt)
+    logits, _ = model(idx)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 40), idx[:, 5:].reshape(-1))
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
+def test_too_long_prompt_is_refused():
+    model = tiny()
+    try:
+        model.generate([[1] * 60], 10, 39, 0)
+    except ValueError as e:
+        assert "block_size" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

@@ -25,14 +25,20 @@ PRESETS = {
         "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
                        eval_n=8, seed=0),
+        "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0),
+        "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=8, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
-        "pretrain": dict(steps=1500, batch_size=64, lr=3e-3, warmup=100, bug_rate=0.6, mixed_frac=0.15,
+        "pretrain": dict(steps=800, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=100, pass_k=8, seed=0, compile=False, bf16=False),
         "expert": dict(steps=60, prompts=16, group=8, lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
                        eval_n=100, seed=0),
+        "distill": dict(n_prompts=300, samples=4, temperature=1.0, seed=0),
+        "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=100, seed=0),
     },
     "gpu": {
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
@@ -41,6 +47,9 @@ PRESETS = {
         "expert": dict(steps=150, prompts=64, group=16, lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
                        eval_n=500, seed=0),
+        "distill": dict(n_prompts=2000, samples=4, temperature=1.0, seed=0),
+        "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lora_r=8, attn_alpha=16.0, routing="hard", top_k=1,
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=500, seed=0),
     },
 }
 

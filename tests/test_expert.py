@@ -1,0 +1,109 @@
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import torch
+
+import train_expert
+from common import completion_batch, encode_example, load_base
+from lora import EXPERT_TARGETS, attach, load_adapter, lora_layers, lora_parameters
+from model import GPT, GPTConfig
+from tasks import examples, get_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC = get_tokenizer()
+
+
+def tiny_with_lora():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=ENC.n_vocab, block_size=256, n_layer=2, n_head=2, n_embd=32))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach(model, EXPERT_TARGETS, rank=4, alpha=8)
+    return model
+
+
+def rl_args(**kw):
+    base = dict(group=4, temperature=1.0, std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, device="cpu")
+    return Namespace(**{**base, **kw})
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    adv = train_expert.group_advantages(r, 4)
+    assert torch.allclose(adv[:4], torch.tensor([0.25, -0.75, 0.25, 0.25]))
+    assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: no signal
+    assert torch.allclose(train_expert.group_advantages(r, 4, std_norm=True)[:4].abs().sum() > 0, torch.tensor(True))
+
+
+def test_one_rl_step_moves_B(monkeypatch):
+    model = tiny_with_lora()
+    # an untrained model never answers right; reward odd-length completions so groups differ
+    monkeypatch.setattr(train_expert, "verify", lambda text, answer: float(len(text) % 2))
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    batch = examples("add", "train", 2)
+    stats = train_expert.rl_step(model, ENC, opt, batch, rl_args(), torch.Generator().manual_seed(0))
+    assert 0 < stats["reward"] < 1
+    assert any(m.B.abs().sum() > 0 for m in lora_layers(model).values())
+
+
+def test_equal_rewards_give_zero_gradient():
+    model = tiny_with_lora()
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.B.normal_(std=0.1)  # non-zero B so A would get gradient too
+    seqs = [encode_example(ENC, e["prompt"], e["completion"]) for e in examples("bool", "train", 4)]
+    idx, tgt = completion_batch(ENC, seqs, "cpu")
+    adv = train_expert.group_advantages(torch.ones(4), 4)
+    loss = train_expert.policy_loss(model, idx, tgt, adv)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in lora_parameters(model))
+
+
+def test_prompt_and_pad_tokens_get_no_gradient():
+    model = tiny_with_lora()
+    seqs = [encode_example(ENC, e["prompt"], e["completion"]) for e in examples("ok", "train", 3)]
+    idx, tgt = completion_batch(ENC, seqs, "cpu")
+    assert (tgt != -1).any() and (tgt == -1).any()
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep)
+    loss = train_expert.policy_loss(model, idx, tgt, torch.tensor([1.0, -0.5, 0.3]))
+    loss.backward()
+    g = captured["logits"].grad.abs().sum(-1)
+    assert torch.all(g[tgt == -1] == 0)
+    assert torch.all(g[tgt != -1] > 0)
+
+
+def test_sft_targets_are_completion_only():
+    ex = examples("hop", "train", 1)[0]
+    ids, n_prompt = encode_example(ENC, ex["prompt"], ex["completion"])
+    idx, tgt = completion_batch(ENC, [(ids, n_prompt)], "cpu")
+    assert torch.all(tgt[0, :n_prompt - 1] == -1)
+    assert tgt[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # completion and EOS, nothing else
+    assert ENC.decode(ids[n_prompt:-1]) == ex["completion"]
+
+
+def test_smoke_expert_end_to_end(tmp_path):
+    out = str(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, *a, "--preset", "smoke", "--out_dir", out], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=300)
+    r = run("pretrain.py")
+    assert r.returncode == 0, r.stderr
+    for method in ("rl", "sft"):
+        r = run("train_expert.py", "--domain", "pick", "--method", method)
+        assert r.returncode == 0, r.stderr
+        assert "step 3/3" in r.stdout
+    _, _, base = load_base(out, "cpu")
+    for name in ("pick.pt", "pick_sft.pt"):
+        ad = load_adapter(os.path.join(out, "experts", name), base)
+        assert ad["meta"]["domain"] == "pick" and "accuracy" in ad["meta"]["metrics"]
+        assert len(ad["meta"]["metrics"]["curve"]) == 3
+    r = run("train_expert.py", "--domain", "chess")
+    assert r.returncode != 0 and "unknown domain" in r.stderr and "Traceback" not in r.stderr

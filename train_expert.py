@@ -1,0 +1,169 @@
+"""
+Stage 1: train one domain's LoRA expert on the frozen base, on that domain's `train` stream only.
+
+--method rl (default): reinforcement learning from verifiable feedback, GRPO-style. Plainly, with
+the defaults this is REINFORCE with a group baseline:
+    for each of P prompts, sample G completions at temperature 1 with the KV-cache generator;
+    reward r = the domain's verifier (1 or 0); advantage a = r - mean(r of the same prompt's group)
+    (divided by the group's std with --std_norm);
+    loss = -sum over completion tokens of a * log p(token), divided by the number of completion
+    tokens in the batch (prompt and padding masked); one gradient step per batch.
+A group whose rewards are all equal has zero advantage and teaches nothing. Optional, off by
+default: --clip > 0 uses PPO's clipped ratio against the sampling policy for --ppo_epochs passes,
+and --kl > 0 adds a KL penalty (k3 estimator) to the adapter-off model, the base.
+
+--method sft: the same LoRA trained on gold traces with completion-only cross-entropy, the
+"traditional fine-tuning" expert the paper compares against.
+
+    python train_expert.py --domain add                 # writes OUT/experts/add.pt
+    python train_expert.py --domain add --method sft    # writes OUT/experts/add_sft.pt
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, generate_text,
+                    load_base, make_out_dir, parse_args)
+from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
+from tasks import DOMAINS, MAX_NEW_TOKENS, examples, sample, score, stream_rng, verify
+
+
+def token_logprobs(model, idx, tgt):
+    """log p(target) at every position (0 where the target is masked)."""
+    logits, _ = model(idx)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp * (tgt != -1)
+
+
+def rollouts(model, enc, batch, group, temperature, generator):
+    """G sampled completions for each prompt: token lists (with EOS when the row ended) and rewards."""
+    eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
+    prompts = [encode_example(enc, ex["prompt"])[0] for ex in batch for _ in range(group)]
+    comps = model.generate(prompts, MAX_NEW_TOKENS, eos, pad, temperature=temperature, generator=generator)
+    rewards = [verify(enc.decode([t for t in c if t != eos]), ex["answer"])
+               for ex, c in zip([ex for ex in batch for _ in range(group)], comps)]
+    return prompts, comps, torch.tensor(rewards)
+
+
+def group_advantages(rewards, group, std_norm=False):
+    r = rewards.view(-1, group)
+    adv = r - r.mean(1, keepdim=True)
+    if std_norm:
+        adv = adv / (r.std(1, keepdim=True) + 1e-6)
+    return adv.view(-1)
+
+
+def policy_loss(model, idx, tgt, adv, old_logp=None, clip=0.0, kl=0.0):
+    """Token-level policy gradient over completion tokens, summed and divided by their count."""
+    mask = (tgt != -1).float()
+    logp = token_logprobs(model, idx, tgt)
+    if clip > 0:
+        ratio = torch.exp(logp - old_logp)
+        per_tok = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip, 1 + clip) * adv[:, None])
+    else:
+        per_tok = -adv[:, None] * logp
+    if kl > 0:
+        with torch.no_grad(), adapters_off(model):
+            ref = token_logprobs(model, idx, tgt)
+        per_tok = per_tok + kl * (torch.exp(ref - logp) - (ref - logp) - 1)
+    return (per_tok * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rl_step(model, enc, opt, batch, args, generator):
+    model.eval()  # sampling: no dropout
+    prompts, comps, rewards = rollouts(model, enc, batch, args.group, args.temperature, generator)
+    adv = group_advantages(rewards, args.group, args.std_norm).to(args.device)
+    idx, tgt = completion_batch(enc, [(p + c, len(p)) for p, c in zip(prompts, comps)], args.device)
+    old_logp = None
+    if args.clip > 0:
+        with torch.no_grad():
+            old_logp = token_logprobs(model, idx, tgt)
+    model.train()
+    for _ in range(max(1, args.ppo_epochs)):
+        with autocast(args):
+            loss = policy_loss(model, idx, tgt, adv, old_logp, args.clip, args.kl)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    groups = rewards.view(-1, args.group)
+    return {"loss": loss.item(), "reward": rewards.mean().item(), "pass": (groups.max(1).values > 0).float().mean().item(),
+            "len": sum(len(c) for c in comps) / len(comps)}
+
+
+def sft_step(model, enc, opt, batch, args):
+    model.train()
+    idx, tgt = completion_batch(enc, [encode_example(enc, ex["prompt"], ex["completion"]) for ex in batch], args.device)
+    with autocast(args):
+        _, loss = model(idx, tgt)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item()}
+
+
+@torch.no_grad()
+def accuracy(model, enc, domain, n):
+    """Greedy accuracy on the first n prompts of the domain's test split."""
+    model.eval()
+    exs = examples(domain, "test", n)
+    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS)
+    return sum(score(e, o) for e, o in zip(exs, outs)) / n
+
+
+def main():
+    def extra(p):
+        p.add_argument("--domain", required=True, help=f"one of {', '.join(DOMAINS)}")
+        p.add_argument("--method", default="rl", choices=["rl", "sft"])
+    args = parse_args(__doc__, ["expert"], extra)
+    check_domain(args.domain)
+    if args.group < 2 and args.method == "rl":
+        die("--group must be at least 2: the baseline is the group mean")
+    out_path = os.path.join(args.out_dir, "experts", f"{args.domain}{'_sft' if args.method == 'sft' else ''}.pt")
+    make_out_dir(os.path.dirname(out_path))
+    model, enc, base_ckpt = load_base(args.out_dir, args.device)
+    torch.manual_seed(args.seed)
+    attach(model, EXPERT_TARGETS, args.rank, args.alpha)
+    params = lora_parameters(model)
+    print(f"{args.method} expert for {args.domain}: {sum(p.numel() for p in params):,} trainable parameters "
+          f"(LoRA r={args.rank} on {', '.join(EXPERT_TARGETS)})")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    rng = stream_rng(args.domain, "train", args.seed)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    timer = Timer()
+    start_acc = accuracy(model, enc, args.domain, args.eval_n)
+    curve, evals = [], [(0, start_acc)]
+    print(f"step 0/{args.steps} | greedy acc {start_acc:.2f} (held-out)")
+    bar = tqdm(range(1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True, leave=False)
+    for step in bar:
+        n = args.prompts if args.method == "rl" else args.sft_batch
+        batch = [sample(args.domain, "train", rng) for _ in range(n)]
+        if args.method == "rl":
+            stats = rl_step(model, enc, opt, batch, args, gen)
+        else:
+            stats = sft_step(model, enc, opt, batch, args)
+        if not torch.isfinite(torch.tensor(stats["loss"])):
+            die(f"loss became {stats['loss']} at step {step}; lower --lr")
+        curve.append(stats)
+        if args.method == "rl":
+            line = (f"step {step}/{args.steps} | reward {stats['reward']:.2f} | pass@{args.group} {stats['pass']:.2f}"
+                    f" | len {stats['len']:.0f} | lr {args.lr:g}")
+        else:
+            line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {args.lr:g}"
+        if step % args.eval_every == 0 or step == args.steps:
+            evals.append((step, accuracy(model, enc, args.domain, args.eval_n)))
+            line += f" | greedy acc {evals[-1][1]:.2f}"
+        tqdm.write(line)
+    train_s = timer()
+    acc = {d: (evals[-1][1] if d == args.domain else accuracy(model, enc, d, args.eval_n)) for d in DOMAINS}
+    print(f"{args.method} expert {args.domain}: own-domain greedy acc {start_acc:.2f} -> {acc[args.domain]:.2f} "
+          f"in {train_s:.0f}s | other domains: " + " ".join(f"{d} {a:.2f}" for d, a in acc.items() if d != args.domain))
+    save_adapter(out_path, model, base_ckpt, domain=args.domain, method=args.method, train_config=vars(args),
+                 metrics={"curve": curve, "evals": evals, "accuracy": acc, "test_accuracy": acc[args.domain],
+                          "base_accuracy": start_acc, "train_seconds": train_s})
+    print(f"wrote {out_path} | total wall time {timer():.0f}s")
+
+
+if __name__ == "__main__":
+    main()

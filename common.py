@@ -65,10 +65,14 @@ class Parser(argparse.ArgumentParser):
         die(f"{self.prog}: {message}")
 
 
+def true_or_false(s):
+    if s.lower() not in ("1", "true", "0", "false"):
+        raise ValueError(s)  # argparse reports: invalid true_or_false value
+    return s.lower() in ("1", "true")
+
+
 def _flag_type(default):
-    if isinstance(default, bool):
-        return lambda s: {"1": True, "true": True, "0": False, "false": False}[s.lower()]
-    return type(default)
+    return true_or_false if isinstance(default, bool) else type(default)
 
 
 def parse_args(description, sections, add_args=None, argv=None):
@@ -86,7 +90,8 @@ def parse_args(description, sections, add_args=None, argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for section in sections:
         for key, val in PRESETS[known.preset][section].items():
-            p.add_argument(f"--{key}", type=_flag_type(val), default=val, help=f"[{section}] default {val}")
+            on_off = dict(nargs="?", const=True) if isinstance(val, bool) else {}  # `--flag` alone means true
+            p.add_argument(f"--{key}", type=_flag_type(val), default=val, help=f"[{section}] default {val}", **on_off)
     if add_args:
         add_args(p)
     args = p.parse_args(argv)

@@ -21,35 +21,38 @@ PRESETS = {
     "smoke": {
         "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
         "pretrain": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=8, pass_k=4, seed=0, compile=False, bf16=False),
+                         eval_n=8, pass_k=4, seed=0, compile=False, bf16=False, ckpt_every=10),
         "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
-                       eval_n=8, seed=0),
+                       eval_n=8, seed=0, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
                        normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=8, seed=0),
+        "eval": dict(n_test=8, n_kl=8, batch_size=64, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
         "pretrain": dict(steps=800, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False),
+                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, ckpt_every=100),
         "expert": dict(steps=60, prompts=16, group=8, lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
-                       eval_n=100, seed=0),
+                       eval_n=100, seed=0, ckpt_every=20),
         "distill": dict(n_prompts=300, samples=4, temperature=1.0, seed=0),
         "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
                        normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=100, seed=0),
+        "eval": dict(n_test=200, n_kl=100, batch_size=256, seed=0),
     },
     "gpu": {
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
         "pretrain": dict(steps=3000, batch_size=256, lr=1e-3, warmup=200, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=500, pass_k=8, seed=0, compile=True, bf16=True),
+                         eval_n=500, pass_k=8, seed=0, compile=True, bf16=True, ckpt_every=250),
         "expert": dict(steps=150, prompts=64, group=16, lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
-                       eval_n=500, seed=0),
+                       eval_n=500, seed=0, ckpt_every=25),
         "distill": dict(n_prompts=2000, samples=4, temperature=1.0, seed=0),
         "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lora_r=8, attn_alpha=16.0, routing="hard", top_k=1,
                        normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=500, seed=0),
+        "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
     },
 }
 
@@ -92,6 +95,7 @@ def parse_args(description, sections, add_args=None, argv=None):
         for key, val in PRESETS[known.preset][section].items():
             on_off = dict(nargs="?", const=True) if isinstance(val, bool) else {}  # `--flag` alone means true
             p.add_argument(f"--{key}", type=_flag_type(val), default=val, help=f"[{section}] default {val}", **on_off)
+    p.add_argument("--resume", action="store_true", help="continue from the last training checkpoint, if any")
     if add_args:
         add_args(p)
     args = p.parse_args(argv)
@@ -147,6 +151,24 @@ def load_checkpoint(path, what="checkpoint", keys=()):
     if missing:
         die(f"{path} is not a {what}: missing {', '.join(missing)}")
     return ckpt
+
+
+def load_resume_state(path, args, keys):
+    """The training state saved at path, when --resume is on and there is one. A state written with
+    other hyperparameters is refused: resuming it would silently train something else."""
+    if not args.resume or not os.path.exists(path):
+        if args.resume:
+            print(f"--resume: no checkpoint at {path}, starting from scratch")
+        return None
+    state = load_checkpoint(path, "training checkpoint", keys=("step", "config") + tuple(keys))
+    ignore = {"resume", "device"}
+    mine = {k: v for k, v in vars(args).items() if k not in ignore}
+    theirs = {k: v for k, v in state["config"].items() if k not in ignore}
+    if mine != theirs:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        die(f"{path} was written with other settings ({', '.join(diff)}); rerun with them or without --resume")
+    print(f"resuming from {path} at step {state['step']}")
+    return state
 
 
 def fingerprint(state_dict):

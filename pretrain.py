@@ -17,8 +17,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from common import (Timer, autocast, completion_batch, encode_example, fingerprint, generate_text,
-                    make_out_dir, parse_args, save_atomic)
+from common import (Timer, autocast, completion_batch, die, encode_example, fingerprint, generate_text,
+                    load_resume_state, make_out_dir, parse_args, save_atomic)
 from model import GPT, GPTConfig
 from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
                    sample, sample_mixed, score, stream_rng, tokenizer_info)
@@ -75,9 +75,17 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
     step_fn = torch.compile(model) if args.compile else model
     rng = stream_rng("pretrain", "train", args.seed)
+    state_path = os.path.join(args.out_dir, "pretrain.ckpt.pt")
+    losses, start = [], 0
+    state = load_resume_state(state_path, args, keys=("model", "opt", "rng", "torch_rng", "losses"))
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        losses, start = state["losses"], state["step"]
     timer = Timer()
-    losses = []
-    bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps)
     for step in bar:
         batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
         idx, tgt = completion_batch(enc, [encode_example(enc, e["prompt"], e["completion"]) for e in batch],
@@ -86,14 +94,18 @@ def main():
             group["lr"] = lr_at(step, args)
         with autocast(args):
             _, loss = step_fn(idx, tgt)
+        if not torch.isfinite(loss):  # stop before the bad step touches the weights; the last checkpoint stays
+            die(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint: {state_path})")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise SystemExit(f"error: loss became {losses[-1]} at step {step}; lower --lr")
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                         "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
+                         "config": vars(args)}, state_path)
     train_s = timer()
     print(f"trained {args.steps} steps in {train_s:.0f}s | loss {sum(losses[:10]) / min(10, len(losses)):.3f} "
           f"-> {sum(losses[-10:]) / min(10, len(losses)):.3f}")
@@ -109,6 +121,8 @@ def main():
                  "metrics": {"loss": losses, "accuracy": acc, f"pass@{args.pass_k}": pass_at,
                              "train_seconds": train_s}},
                 os.path.join(args.out_dir, "base.pt"))
+    if os.path.exists(state_path):
+        os.remove(state_path)  # the finished base.pt supersedes it
     print(f"wrote {os.path.join(args.out_dir, 'base.pt')} | total wall time {timer():.0f}s")
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, generate_text,
-                    load_base, make_out_dir, parse_args)
+                    load_base, load_resume_state, make_out_dir, parse_args, save_atomic)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, examples, sample, score, stream_rng, verify
 
@@ -132,10 +132,23 @@ def main():
     rng = stream_rng(args.domain, "train", args.seed)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     timer = Timer()
-    start_acc = accuracy(model, enc, args.domain, args.eval_n)
-    curve, evals = [], [(0, start_acc)]
-    print(f"step 0/{args.steps} | greedy acc {start_acc:.2f} (held-out)")
-    bar = tqdm(range(1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True, leave=False)
+    state_path = out_path[:-len(".pt")] + ".ckpt.pt"
+    state = load_resume_state(state_path, args, keys=("lora", "opt", "rng", "gen", "curve", "evals", "base"))
+    if state and state["base"] != base_ckpt["fingerprint"]:
+        die(f"{state_path} was trained on another base model; rerun without --resume")
+    if state:
+        with torch.no_grad():
+            for p, t in zip(params, state["lora"]):
+                p.copy_(t)
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        gen.set_state(state["gen"])
+        curve, evals, start = state["curve"], state["evals"], state["step"]
+    else:
+        curve, evals, start = [], [(0, accuracy(model, enc, args.domain, args.eval_n))], 0
+        print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
+    bar = tqdm(range(start + 1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True,
+               leave=False, initial=start, total=args.steps)
     for step in bar:
         n = args.prompts if args.method == "rl" else args.sft_batch
         batch = [sample(args.domain, "train", rng) for _ in range(n)]
@@ -144,7 +157,7 @@ def main():
         else:
             stats = sft_step(model, enc, opt, batch, args)
         if not torch.isfinite(torch.tensor(stats["loss"])):
-            die(f"loss became {stats['loss']} at step {step}; lower --lr")
+            die(f"loss became {stats['loss']} at step {step}; lower --lr (last good checkpoint: {state_path})")
         curve.append(stats)
         if args.method == "rl":
             line = (f"step {step}/{args.steps} | reward {stats['reward']:.2f} | pass@{args.group} {stats['pass']:.2f}"
@@ -155,13 +168,21 @@ def main():
             evals.append((step, accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"
         tqdm.write(line)
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+            save_atomic({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
+                         "gen": gen.get_state(), "curve": curve, "evals": evals, "step": step, "config": vars(args),
+                         "base": base_ckpt["fingerprint"]},
+                        state_path)
     train_s = timer()
     acc = {d: (evals[-1][1] if d == args.domain else accuracy(model, enc, d, args.eval_n)) for d in DOMAINS}
+    start_acc = evals[0][1]
     print(f"{args.method} expert {args.domain}: own-domain greedy acc {start_acc:.2f} -> {acc[args.domain]:.2f} "
           f"in {train_s:.0f}s | other domains: " + " ".join(f"{d} {a:.2f}" for d, a in acc.items() if d != args.domain))
     save_adapter(out_path, model, base_ckpt, domain=args.domain, method=args.method, train_config=vars(args),
                  metrics={"curve": curve, "evals": evals, "accuracy": acc, "test_accuracy": acc[args.domain],
                           "base_accuracy": start_acc, "train_seconds": train_s})
+    if os.path.exists(state_path):
+        os.remove(state_path)  # the finished expert supersedes it
     print(f"wrote {out_path} | total wall time {timer():.0f}s")
 
 

@@ -157,14 +157,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_k=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, n_samples=1):
         """Batched generation for prompts of different lengths (lists of token ids).
 
         Prompts are left-padded; each row gets its own positions (0 at its first real token) and a
         mask that hides its padding, so a padded row computes exactly what it would alone.
         Returns a list of completions (token ids, without the prompt, up to and including EOS).
-        temperature 0 is greedy. use_cache=False recomputes the whole prefix every step (the slow
-        reference the cached path is tested and benchmarked against)."""
+        temperature 0 is greedy. n_samples > 1 gives each prompt that many completions (rows
+        prompt-major), prefilling each prompt once and copying its cache: a GRPO group shares one
+        prefill. use_cache=False recomputes the whole prefix every step (the slow reference the
+        cached path is tested and benchmarked against)."""
         device = self.wte.weight.device
         B = len(prompts)
         L = max(len(p) for p in prompts)
@@ -184,8 +186,11 @@ class GPT(nn.Module):
 
         dtype = self.wte.weight.dtype
         cache = KVCache(self.config, B, S, device, dtype) if use_cache else None
-        out = torch.empty((B, 0), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        if n_samples > 1 and not use_cache:  # without a cache there is no prefill to share
+            idx, real, pos_all, mask_all = (t.repeat_interleave(n_samples, 0) for t in (idx, real, pos_all, mask_all))
+            B, n_samples = B * n_samples, 1
+        out = torch.empty((B * n_samples, 0), dtype=torch.long, device=device)
+        done = torch.zeros(B * n_samples, dtype=torch.bool, device=device)
         seq = idx
         for t in range(max_new_tokens):
             if use_cache:
@@ -193,6 +198,10 @@ class GPT(nn.Module):
                 end = L + t
                 logits, _ = self(seq[:, start:end], pos=pos_all[:, start:end],
                                  mask=mask_all[:, None, start:end, :end], cache=cache)
+                if t == 0 and n_samples > 1:  # prefilled once per prompt; now one row per sample
+                    cache.k, cache.v = cache.k.repeat_interleave(n_samples, 1), cache.v.repeat_interleave(n_samples, 1)
+                    seq, pos_all, mask_all, logits = (x.repeat_interleave(n_samples, 0)
+                                                      for x in (seq, pos_all, mask_all, logits))
             else:
                 end = L + t
                 logits, _ = self(seq, pos=pos_all[:, :end], mask=mask_all[:, None, :end, :end])

@@ -40,8 +40,10 @@ def token_logprobs(model, idx, tgt):
 def rollouts(model, enc, batch, group, temperature, generator):
     """G sampled completions for each prompt: token lists (with EOS when the row ended) and rewards."""
     eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
-    prompts = [encode_example(enc, ex["prompt"])[0] for ex in batch for _ in range(group)]
-    comps = model.generate(prompts, MAX_NEW_TOKENS, eos, pad, temperature=temperature, generator=generator)
+    unique = [encode_example(enc, ex["prompt"])[0] for ex in batch]
+    comps = model.generate(unique, MAX_NEW_TOKENS, eos, pad, temperature=temperature, generator=generator,
+                           n_samples=group)
+    prompts = [p for p in unique for _ in range(group)]
     rewards = [verify(enc.decode([t for t in c if t != eos]), ex["answer"])
                for ex, c in zip([ex for ex in batch for _ in range(group)], comps)]
     return prompts, comps, torch.tensor(rewards)

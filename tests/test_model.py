@@ -33,6 +33,17 @@ def test_cached_batched_generation_matches_naive():
         assert u == ref
 
 
+def test_shared_prefill_matches_repeated_prompts():
+    model = tiny()
+    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6]]
+    g = lambda: torch.Generator().manual_seed(5)
+    repeated = model.generate([p for p in prompts for _ in range(3)], 10, 39, 0, temperature=1.0, generator=g())
+    shared = model.generate(prompts, 10, 39, 0, temperature=1.0, generator=g(), n_samples=3)
+    uncached = model.generate(prompts, 10, 39, 0, temperature=1.0, generator=g(), n_samples=3, use_cache=False)
+    assert shared == repeated == uncached
+    assert len(shared) == 6 and len({tuple(c) for c in shared}) > 2  # samples differ within a group
+
+
 def test_rows_stop_at_eos():
     model = tiny()
     prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6], [1, 9]]

@@ -87,7 +87,7 @@ def parse_args(description, sections, add_args=None, argv=None):
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESETS:
         die(f"unknown preset {known.preset!r} (choose from {', '.join(PRESETS)})")
-    p = Parser(description=description)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=default_preset, help=f"one of {', '.join(PRESETS)} (default {default_preset})")
     p.add_argument("--out_dir", default=None, help="where everything is read and written (default out/PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,174 @@
+import copy
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import kernels
+from common import fingerprint
+from lora import EXPERT_TARGETS, apply_adapter, attach, load_adapter, save_adapter
+from model import GPT, GPTConfig
+from router import compose, expert_parameters, forced_experts, load_mor, save_mor
+
+E = 3
+
+
+@pytest.fixture(autouse=True)
+def eager_kernel(monkeypatch):
+    # these tests are about routing, not the kernel (kernels.py checks its compiled path against its
+    # reference); compiling for each new tiny shape would take most of the time here
+    monkeypatch.setattr(kernels, "COMPILE", False)
+
+
+def tiny_base(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ckpt = {"model_config": asdict(model.config), "fingerprint": fingerprint(model.state_dict())}
+    return model, ckpt
+
+
+def make_expert(path, base, ckpt, seed, rank=4, alpha=8.0):
+    """A synthetic expert: random A and B, large enough to change the logits visibly."""
+    torch.manual_seed(seed)
+    m = copy.deepcopy(base)
+    layers = attach(m, EXPERT_TARGETS, rank, alpha)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.B.normal_(0, 0.2)
+    save_adapter(str(path), m, ckpt, domain=f"d{seed}", method="synthetic")
+    return str(path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base, ckpt = tiny_base()
+    # different ranks and alphas: zero-padding and each expert's own scale are exercised too
+    files = [make_expert(tmp_path / f"e{i}.pt", base, ckpt, seed=i + 1, rank=4 - i, alpha=8.0 + 4 * i)
+             for i in range(E)]
+    return base, ckpt, files
+
+
+def tokens(seed=0, B=2, T=10):
+    return torch.randint(0, 40, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forced_hard_routing_is_the_expert_alone(setup):
+    base, ckpt, files = setup
+    idx = tokens()
+    for e in range(E):
+        alone = copy.deepcopy(base)
+        apply_adapter(alone, load_adapter(files[e], ckpt))
+        want, _ = alone(idx)
+        hard = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=0)
+        soft = compose(copy.deepcopy(base), ckpt, files, routing="soft", top_k=1, attn_lora_r=0)
+        with forced_experts(hard, [e, e]), forced_experts(soft, [e, e]):
+            got_hard, _ = hard(idx)
+            got_soft, _ = soft(idx)
+        assert torch.allclose(got_hard, want, atol=1e-5), (got_hard - want).abs().max()
+        assert not torch.allclose(got_soft, want, atol=1e-3)  # p_e < 1 shrinks the expert's update
+        assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # the expert really changes something
+
+
+def router_grad(model, idx):
+    _, loss = model(idx[:, :-1], idx[:, 1:].contiguous())
+    loss.backward()
+    return model.router.weight.grad
+
+
+def test_ste_gives_router_gradient_normalized_soft_top1_does_not(setup):
+    base, ckpt, files = setup
+    idx = tokens(1)
+    hard = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=0)
+    g = router_grad(hard, idx)
+    assert g is not None and g.abs().sum() > 0
+    soft = compose(copy.deepcopy(base), ckpt, files, routing="soft", top_k=1, normalize=True, attn_lora_r=0)
+    soft.router.weight.data.copy_(hard.router.weight.data)
+    with torch.no_grad():  # same routing, same unit scale: the forward passes agree
+        assert torch.allclose(soft(idx)[0], hard(idx)[0], atol=1e-6)
+    g = router_grad(soft, idx)
+    assert g is not None and torch.all(g == 0)
+
+
+def test_only_router_and_attention_lora_train(setup):
+    base, ckpt, files = setup
+    model = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=2, attn_alpha=4.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("router.weight") or (".attn." in n and n[-2:] in (".A", ".B")) for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        idx = tokens(step, B=4, T=12)
+        _, loss = model(idx[:, :-1], idx[:, 1:].contiguous())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = dict(model.named_parameters())
+    for n, p0 in frozen.items():
+        assert params[n].grad is None and torch.equal(params[n], p0), n
+    for n, p0 in start.items():
+        if n.endswith("router.weight") or n.endswith(".B"):  # attention A only moves once B is non-zero
+            assert not torch.equal(params[n], p0), n
+
+
+def test_train_experts_makes_experts_trainable(setup):
+    base, ckpt, files = setup
+    model = compose(copy.deepcopy(base), ckpt, files, routing="soft", top_k=2, per_layer=True, train_experts=True)
+    assert all(p.requires_grad for p in expert_parameters(model))
+    assert model.router.weight.shape == (2, E, 32)
+
+
+def test_cached_generation_matches_uncached(setup):
+    base, ckpt, files = setup
+    model = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=2)
+    with torch.no_grad():
+        model.router.weight.normal_(0, 1.0)  # a confident router that switches experts between tokens
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.normal_(0, 0.1)
+    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6, 7, 8], [1, 9]]
+    cached = model.generate(prompts, 12, eos_id=39, pad_id=0)
+    uncached = model.generate(prompts, 12, eos_id=39, pad_id=0, use_cache=False)
+    assert cached == uncached
+    model.router.record = True
+    model(torch.tensor(prompts[1:2]))
+    assert len(model.router.records[0]["idx"].unique()) > 1  # routing really varies inside a sequence
+
+
+def test_save_load_round_trip_and_changed_expert_refused(setup, tmp_path, capsys):
+    base, ckpt, files = setup
+    model = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=2, attn_alpha=4.0)
+    with torch.no_grad():
+        model.router.weight.normal_(0, 1.0)
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.normal_(0, 0.1)
+    path = str(tmp_path / "mor" / "m.pt")
+    save_mor(path, model, ckpt, name="m")
+    loaded = load_mor(path, copy.deepcopy(base), ckpt)
+    idx = tokens(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+    make_expert(files[1], base, ckpt, seed=99)  # the same file name now holds another expert
+    with pytest.raises(SystemExit):
+        load_mor(path, copy.deepcopy(base), ckpt)
+    err = capsys.readouterr().err
+    assert "expert 1" in err and "fingerprint" in err and "retrain" in err
+    other, other_ckpt = tiny_base(seed=1)
+    with pytest.raises(SystemExit):
+        load_mor(path, other, other_ckpt)
+    assert "another base" in capsys.readouterr().err
+
+
+def test_refusals_are_clear(setup, capsys):
+    base, ckpt, files = setup
+    with pytest.raises(SystemExit):
+        compose(copy.deepcopy(base), ckpt, files, routing="hard", top_k=2)
+    assert "top-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compose(copy.deepcopy(base), ckpt, files, routing="soft", top_k=E + 1)
+    assert "--top_k" in capsys.readouterr().err

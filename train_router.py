@@ -1,0 +1,167 @@
+"""
+Stage 2, step 2: train the router (and the small attention LoRA) over frozen experts.
+
+The base and every expert OUT/experts/D.pt stay frozen; the model is base + experts + router
+(router.compose). It learns from the union of the experts' verified traces OUT/distill/*.jsonl, with
+next-token cross-entropy on completion tokens only. Each example of a batch first draws a domain
+uniformly, then one of that domain's traces, so a domain with more traces does not dominate.
+
+    python train_router.py                                   # the method: hard top-1, writes OUT/mor/mor_hard.pt
+    python train_router.py --routing soft --top_k 2           # soft baseline (mor_soft_top2)
+    python train_router.py --routing soft --top_k 2 --per_layer true --train_experts true --name moe_soft
+--train_experts makes the experts' A/B trainable, pulled toward their starting values by
+--l2 * sum ||theta - theta_0||^2 (the "relearn" baseline). --attn_lora_r 0 turns the attention LoRA off.
+At the end: greedy accuracy on --eval_n test prompts per domain, next to each expert's own.
+"""
+import copy
+import glob
+import json
+import math
+import os
+import random
+
+import torch
+from tqdm import tqdm
+
+from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, generate_text, load_base,
+                    make_out_dir, parse_args)
+from lora import apply_adapter, load_adapter
+from router import compose, count_parameters, expert_parameters, save_mor
+from tasks import DOMAINS, MAX_NEW_TOKENS, examples, score
+
+
+def read_traces(folder, domains):
+    """{domain: [row, ...]} from every *.jsonl in folder; a bad line ends the script with its place."""
+    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+    if not files:
+        die(f"no traces in {folder} (run distill.py first)")
+    data = {d: [] for d in domains}
+    for path in files:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    die(f"{path}:{n}: malformed JSON line ({e.msg})")
+                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("domain", "prompt", "completion")):
+                    die(f"{path}:{n}: a trace needs string fields domain, prompt and completion")
+                if row["domain"] in data:  # traces of domains without an expert here are not used
+                    data[row["domain"]].append(row)
+    return data
+
+
+def default_name(args):
+    parts = ["moe" if args.train_experts else "mor", args.routing]
+    if args.routing == "soft":
+        parts.append(f"top{args.top_k}" + ("_norm" if args.normalize else ""))
+    if args.per_layer:
+        parts.append("per_layer")
+    return "_".join(parts)
+
+
+@torch.no_grad()
+def accuracy(model, enc, domain, n):
+    """Greedy accuracy on the first n prompts of the domain's test split (as train_expert.py measures)."""
+    model.eval()
+    exs = examples(domain, "test", n)
+    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS)
+    return sum(score(e, o) for e, o in zip(exs, outs)) / max(1, n)
+
+
+def expert_accuracy(path, base, base_ckpt, enc, domain, n):
+    """The expert's own greedy accuracy: from its file when measured on the same n prompts, else measured."""
+    ad = load_adapter(path, base_ckpt)
+    metrics, cfg = ad["meta"].get("metrics") or {}, ad["meta"].get("train_config") or {}
+    if "test_accuracy" in metrics and cfg.get("eval_n") == n:
+        return metrics["test_accuracy"]
+    model = copy.deepcopy(base)
+    apply_adapter(model, ad)
+    return accuracy(model, enc, domain, n)
+
+
+def main():
+    def extra(p):
+        p.add_argument("--name", default=None, help="output OUT/mor/NAME.pt (default: mor_hard, or derived from the flags)")
+        p.add_argument("--domains", default=",".join(DOMAINS), help="experts to compose, comma-separated (default: all)")
+    args = parse_args(__doc__, ["router"], extra)
+    timer = Timer()
+    domains = [d for d in args.domains.split(",") if d]
+    for d in domains:
+        check_domain(d)
+    if len(set(domains)) != len(domains):
+        die(f"--domains names an expert twice: {args.domains}")
+    args.name = args.name or default_name(args)
+    expert_files = [os.path.join(args.out_dir, "experts", f"{d}.pt") for d in domains]
+    for d, f in zip(domains, expert_files):
+        if not os.path.exists(f):
+            die(f"no expert for domain {d}: {f} not found (run train_expert.py --domain {d} first)")
+    out_path = os.path.join(args.out_dir, "mor", f"{args.name}.pt")
+    make_out_dir(os.path.dirname(out_path))
+    data = read_traces(os.path.join(args.out_dir, "distill"), domains)
+    for d in domains:
+        print(f"traces {d:5s} | {len(data[d])}" + ("  (none: this domain is not trained on)" if not data[d] else ""))
+    train_domains = [d for d in domains if data[d]]
+    if not train_domains:
+        die(f"no usable traces for {', '.join(domains)} in {os.path.join(args.out_dir, 'distill')}")
+
+    torch.manual_seed(args.seed)
+    base, enc, base_ckpt = load_base(args.out_dir, args.device)
+    model = compose(copy.deepcopy(base), base_ckpt, expert_files, routing=args.routing, top_k=args.top_k,
+                    normalize=args.normalize, per_layer=args.per_layer, attn_lora_r=args.attn_lora_r,
+                    attn_alpha=args.attn_alpha, train_experts=args.train_experts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_total = count_parameters(model)
+    print(f"{args.name}: {len(domains)} experts, routing {args.routing} top-{args.top_k}"
+          f"{' normalized' if args.normalize else ''}{' per-layer' if args.per_layer else ' shared'} | "
+          f"trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
+    experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    t0 = timer()
+    losses = []
+    every = max(1, args.steps // 10)
+    bar = tqdm(range(1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False)
+    model.train()
+    for step in bar:
+        batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(args.batch_size)]
+        idx, tgt = completion_batch(enc, [encode_example(enc, r["prompt"], r["completion"]) for r in batch], args.device)
+        lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))  # cosine to lr/10
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(args):
+            _, loss = model(idx, tgt)
+        ce = loss.item()
+        if experts0:  # relearn baseline: experts may move, at a price
+            loss = loss + args.l2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(expert_parameters(model), experts0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(ce)
+        if not math.isfinite(ce):
+            die(f"loss became {ce} at step {step}; lower --lr")
+        bar.set_postfix(loss=f"{ce:.3f}")
+        if step % every == 0 or step == args.steps:
+            tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {lr:.2e}")
+    train_s = timer() - t0
+
+    # quick check: does the composition keep each expert's own-domain accuracy?
+    acc, expert_acc = {}, {}
+    for d, f in zip(domains, expert_files):
+        acc[d] = accuracy(model, enc, d, args.eval_n)
+        expert_acc[d] = expert_accuracy(f, base, base_ckpt, enc, d, args.eval_n)
+        line = f"{args.name} {d:5s} | greedy acc {acc[d]:.2f} | expert alone {expert_acc[d]:.2f}"
+        if expert_acc[d] > 0:  # the target: at least 95% of the expert's own accuracy
+            ratio = acc[d] / expert_acc[d]
+            line += f" | ratio {ratio:.2f}" + ("" if ratio >= 0.95 else "  (below the 0.95 target)")
+        print(line)
+    save_mor(out_path, model, base_ckpt, name=args.name, train_config=vars(args),
+             metrics={"loss": losses, "accuracy": acc, "expert_accuracy": expert_acc, "trainable_params": n_train,
+                      "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
+    print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,8 +29,8 @@ DOMAINS = ["add", "bool", "pick", "ok", "hop"]
 SPLITS = ["train", "router", "test"]
 MARK = "####"
 SEP = " | "
-MAX_NEW_TOKENS = 64  # longest completion of any domain is 53 tokens with EOS
-MAX_NEW_TOKENS_MIXED = 128  # two completions and the separator: at most 90
+MAX_NEW_TOKENS = 80  # longest completion of any domain is 71 tokens with EOS (bool)
+MAX_NEW_TOKENS_MIXED = 144  # two completions and the separator: at most 108
 
 # ---------------------------------------------------------------------------------------------
 # tokenizer: byte-level ranks (every character, so every digit, is its own token) + specials
@@ -68,8 +68,9 @@ def gen_add(rng, bug):
 
 
 def gen_bool(rng, bug):
-    lits = [("not " if rng.random() < 0.6 else "") + rng.choice("TF") for _ in range(3)]
-    ops = rng.choices(["and", "or", "xor"], weights=[1, 1, 2], k=2)
+    n = rng.randint(3, 4)
+    lits = [("not " if rng.random() < 0.6 else "") + rng.choice("TF") for _ in range(n)]
+    ops = rng.choices(["and", "or", "xor"], weights=[1, 1, 2], k=n - 1)
     q = "bool " + " ".join(x for pair in zip(lits, ops + [""]) for x in pair).strip()
     steps, vals = [], []
     for lit in lits:
@@ -145,7 +146,7 @@ RELATIONS = "fgh"
 
 
 def _knowledge():
-    """The facts of the hop domain: three fixed random maps over 52 entities, and for a third of
+    """The facts of the hop domain: three fixed random maps over 52 entities, and for half of
     the (relation, entity) pairs a misremembered value that buggy pretraining traces use."""
     rng = random.Random(1234)
     true, wrong = {}, {}
@@ -154,7 +155,7 @@ def _knowledge():
         rng.shuffle(perm)
         for e, v in zip(ENTITIES, perm):
             true[r, e] = v
-            if rng.random() < 1 / 3:
+            if rng.random() < 1 / 2:
                 wrong[r, e] = rng.choice([x for x in ENTITIES if x != v])
     return true, wrong
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole nanoMoR pipeline, in order:  bash run.sh [smoke|cpu|gpu] [--force]
-# Default preset: gpu when CUDA is available, else cpu. Outputs go to out/PRESET/.
+# Default preset: gpu when CUDA is available, else cpu. Outputs go to out/PRESET/ (or $OUT_DIR).
 # A stage whose output already exists is skipped, so an interrupted run continues where it stopped;
 # --force redoes everything. The first failing stage stops the run with its name.
 set -uo pipefail
@@ -18,7 +18,7 @@ done
 if [ -z "$preset" ]; then
   preset=$(python3 -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')") || exit 1
 fi
-out="out/$preset"
+out="${OUT_DIR:-out/$preset}"  # OUT_DIR=... puts the run elsewhere (the tests do)
 mkdir -p "$out" || { echo "error: cannot create $out" >&2; exit 2; }
 domains="add bool pick ok hop"
 total_start=$(date +%s)

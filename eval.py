@@ -1,0 +1,581 @@
+"""
+Every table: each system's greedy accuracy on every domain's test split and on mixed prompts, the
+parameters it trains and holds, how it routes, how well it preserves the experts' behaviour; and a
+picture of the routing.
+
+Systems (every one answers the same prompts: tasks.examples(D, "test", n_test) and
+tasks.mixed_examples("test", n_test), greedy):
+    base          the frozen base model
+    expert:D      base + D's RLVF expert (OUT/experts/D.pt)
+    sft:D         base + D's SFT expert (OUT/experts/D_sft.pt)
+    merge         one LoRA, the uniform average of the RLVF experts' A's and, separately, of their B's
+                  (LoRAHub with equal weights), applied at the experts' scale alpha / r
+    seq_router    one expert per sequence. The trained mor_hard model reads the prompt; every prompt
+                  token votes at every layer for its top-1 expert; the majority expert is then forced
+                  (router.forced_experts) for the whole sequence, prompt and answer. Same parameters
+                  as mor_hard: its router is the prompt classifier.
+    oracle        the domain's own RLVF expert, known in advance (= expert:D on D; mixed: null)
+    mor_hard, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py), rebuilt by router.load_mor
+A system whose files are missing is skipped with a note; a missing base is an error.
+
+Measures:
+    accuracy      share of right answers; a mixed answer counts only if both parts are right
+    params        trainable: what is trained to build the system from the base and the given experts
+                  (DESIGN.md section 2, "what is trained"); total: every parameter it holds
+    purity        share of a domain's completion tokens that the router sends to that domain's
+                  expert (top-1 choice for soft routing), per layer and over all layers
+    mixed purity  the same on mixed answers: tokens before the " | " belong to the first question's
+                  expert, from the "|" on to the second's
+    concentration mean of max_e p_e, and the share of tokens whose max_e p_e > 0.9
+    switches      times the per-token majority-over-layers expert changes along one mixed answer
+    behavior_kl   mean per-token KL(expert_D || system) on expert D's own greedy completions of the
+                  first n_kl test prompts of D, teacher-forced, over completion tokens
+A "completion token's routing" is the routing of the forward pass that wrote it: the position just
+before it (the last prompt token writes the first completion token).
+
+    python eval.py --preset cpu        # writes OUT/eval.json, OUT/report.md, OUT/routing.html
+"""
+import contextlib
+import copy
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import kernels
+from common import Timer, completion_batch, die, encode_example, load_base, make_out_dir, parse_args
+from lora import apply_adapter, load_adapter, lora_parameters, merge
+from router import count_parameters, forced_experts, load_mor
+from tasks import DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, SEP, examples, mixed_examples, score
+
+MOR_SYSTEMS = ("mor_hard", "mor_soft", "moe_soft")
+COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#CC79A7", "#0072B2", "#D55E00", "#999999"]  # Okabe-Ito
+
+
+# ---------------------------------------------------------------------------------------------
+# the measures: plain functions, tensors in, numbers out
+
+def purity(choice, expert):
+    """choice (L, N): top-1 expert at each of L layers for N tokens. Share sent to `expert`, over all
+    layers and per layer."""
+    hit = (choice == expert).float()
+    return hit.mean().item(), hit.mean(1).tolist()
+
+
+def mixed_purity(choice, split, first, second):
+    """choice (L, T) of one mixed answer whose first `split` tokens answer the first question: the
+    share of (layer, token) decisions sent to the expert of the question the token belongs to."""
+    want = torch.full((choice.shape[1],), second, dtype=choice.dtype)
+    want[:split] = first
+    return (choice == want).float().mean().item()
+
+
+def majority(choice):
+    """choice (L, T) -> (T,) the expert most layers chose for each token (ties: the lowest id)."""
+    return F.one_hot(choice).sum(0).argmax(-1)
+
+
+def sequence_vote(choice):
+    """choice (L, T) of one prompt -> the expert most often chosen over all its tokens and layers (ties:
+    the lowest id): seq_router's one expert for the whole sequence."""
+    return int(majority(choice.reshape(-1, 1))[0])
+
+
+def expert_switches(choice):
+    """How many times the majority-over-layers expert changes along one answer, choice (L, T)."""
+    m = majority(choice)
+    return int((m[1:] != m[:-1]).sum())
+
+
+def concentration(p):
+    """p (..., E) routing probabilities: (mean of max_e p, share of tokens with max_e p > 0.9)."""
+    top = p.max(-1).values
+    return top.mean().item(), (top > 0.9).float().mean().item()
+
+
+def behavior_kl(logp_ref, logp):
+    """Mean over N tokens of KL(ref || system) = sum_v p_ref (log p_ref - log p); (N, V) log-probs."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# running a model: greedy answers, teacher-forced log-probs, routing records
+
+def maybe_forced(model, forced):
+    return forced_experts(model, forced) if forced is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def greedy(model, enc, prompts, max_new_tokens, batch_size, forced=None):
+    """Greedy completions as token ids (with EOS when the answer ended), in batches (as
+    common.generate_text, but the ids are kept: KL and routing re-read exactly these tokens).
+    forced: one expert id per prompt, held for the whole sequence."""
+    eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+        with maybe_forced(model, None if forced is None else forced[i:i + batch_size]):
+            out += model.generate(ids, max_new_tokens, eos, pad)
+    return out
+
+
+def decode(enc, ids):
+    eos = enc.encode_single_token("<|eos|>")
+    return enc.decode([t for t in ids if t != eos])
+
+
+def sequences(enc, prompts, completions):
+    """(ids, n_prompt) pairs for common.completion_batch."""
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = encode_example(enc, p)[0]
+        out.append((ids + list(c), len(ids)))
+    return out
+
+
+@torch.no_grad()
+def completion_logprobs(model, seqs, enc, batch_size, device, forced=None):
+    """Teacher-forced next-token log-probs at every completion position of seqs, concatenated: (N, V)."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, tgt = completion_batch(enc, seqs[i:i + batch_size], device)
+        with maybe_forced(model, None if forced is None else forced[i:i + batch_size]):
+            logits, _ = model(idx)
+        out.append(torch.log_softmax(logits.float(), -1)[tgt != -1].cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def routing_records(model, idx):
+    """One forward with the router recording: top-1 choice (L, B, T) and probabilities (L, B, T, E)."""
+    router = model.router
+    router.record, router.records = True, {}
+    try:
+        model(idx)
+        layers = range(len(model.blocks))
+        choice = torch.stack([router.records[l]["idx"][..., 0] for l in layers]).cpu()
+        p = torch.stack([router.records[l]["p"] for l in layers]).cpu()
+    finally:
+        router.record, router.records = False, {}
+    return choice, p
+
+
+def completion_routing(model, seqs, enc, batch_size, device):
+    """Per sequence, at its completion positions: top-1 choice (L, T) and probabilities (L, T, E)."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, tgt = completion_batch(enc, seqs[i:i + batch_size], device)
+        choice, p = routing_records(model, idx)
+        mask = (tgt != -1).cpu()
+        out += [(choice[:, b, mask[b]], p[:, b, mask[b]]) for b in range(idx.shape[0])]
+    return out
+
+
+def prompt_vote(model, enc, prompts, batch_size, device):
+    """seq_router's choice per prompt: the expert most often top-1 over the prompt's tokens and layers."""
+    pad = enc.encode_single_token("<|pad|>")
+    votes = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+        # right padding: under the causal mask a real token never sees the padding after it
+        idx = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
+        for b, row in enumerate(ids):
+            idx[b, :len(row)] = torch.tensor(row)
+        choice, _ = routing_records(model, idx.to(device))
+        votes += [sequence_vote(choice[:, b, :len(row)]) for b, row in enumerate(ids)]
+    return votes
+
+
+# ---------------------------------------------------------------------------------------------
+# building the systems
+
+def n_params(params):
+    return sum(p.numel() for p in params)
+
+
+def with_adapter(base, ad):
+    """base + one LoRA, folded into the weights (generation as fast as the base)."""
+    model = copy.deepcopy(base)
+    apply_adapter(model, ad)
+    merge(model)
+    model.eval()
+    return model, n_params(lora_parameters(model))
+
+
+def merged_adapter(ads):
+    """LoRAHub with equal weights: the mean of the A's and, separately, of the B's. None (with the
+    reason) when the experts differ in rank or alpha, which a plain average cannot combine."""
+    if len({(ad["rank"], ad["alpha"], tuple(ad["targets"])) for ad in ads}) != 1:
+        return None, "the experts differ in rank, alpha or targets"
+    tensors = {k: torch.stack([ad["tensors"][k] for ad in ads]).mean(0) for k in ads[0]["tensors"]}
+    return dict(ads[0], tensors=tensors), ""
+
+
+def build(name, base, base_ckpt, args):
+    """(model, trainable, total), or (None, why) when the system's files are missing."""
+    base_total = n_params(base.parameters())
+    expert_path = lambda d, sft=False: os.path.join(args.out_dir, "experts", f"{d}{'_sft' if sft else ''}.pt")
+    if name == "base":
+        return (base, 0, base_total), ""
+    if name.startswith(("expert:", "sft:")):
+        path = expert_path(name.split(":")[1], name.startswith("sft:"))
+        if not os.path.exists(path):
+            return None, f"{path} not found"
+        model, n = with_adapter(base, load_adapter(path, base_ckpt))
+        return (model, n, base_total + n), ""
+    if name == "merge":
+        paths = [expert_path(d) for d in DOMAINS if os.path.exists(expert_path(d))]
+        if not paths:
+            return None, "no RLVF expert found"
+        ad, why = merged_adapter([load_adapter(p, base_ckpt) for p in paths])
+        if ad is None:
+            return None, why
+        model, n = with_adapter(base, ad)
+        return (model, 0, base_total + n), ""
+    path = os.path.join(args.out_dir, "mor", f"{'mor_hard' if name == 'seq_router' else name}.pt")
+    if not os.path.exists(path):
+        return None, f"{path} not found"
+    model = load_mor(path, copy.deepcopy(base), base_ckpt).eval()
+    return (model, *count_parameters(model)), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# one system, all measures
+
+def accuracies(model, enc, tests, mixed, args, seq_router=False):
+    """Greedy answers (ids) and accuracy on each domain and on mixed prompts; with seq_router, the
+    expert each prompt voted for (and was then answered by), else None. All domains go through one
+    generation: fewer, fuller batches."""
+    groups = [([e for exs in tests.values() for e in exs], MAX_NEW_TOKENS), (mixed, MAX_NEW_TOKENS_MIXED)]
+    outs, votes = [], []
+    for exs, max_new in groups:
+        prompts = [e["prompt"] for e in exs]
+        votes.append(prompt_vote(model, enc, prompts, args.batch_size, args.device) if seq_router else [None] * len(exs))
+        outs.append(greedy(model, enc, prompts, max_new, args.batch_size, votes[-1] if seq_router else None))
+    answers, vote, start = {}, {}, 0
+    for d, exs in tests.items():  # the flat list back to domains
+        answers[d], vote[d] = outs[0][start:start + len(exs)], votes[0][start:start + len(exs)]
+        start += len(exs)
+    answers["mixed"], vote["mixed"] = outs[1], votes[1]
+    acc = {d: sum(score(e, decode(enc, c)) for e, c in zip(exs, answers[d])) / len(exs)
+           for d, exs in [*tests.items(), ("mixed", mixed)]}
+    return answers, acc, (vote if seq_router else None)
+
+
+def routing_analysis(model, enc, tests, mixed, answers, args):
+    """Purity per domain and layer, mixed purity, concentration and switches of one MoR system; and
+    the per-token routing of every answer (for the picture)."""
+    domains = [x["domain"] for x in model.router.expert_info]
+    sep = enc.encode_ordinary(SEP.strip())[0]
+    res = {"purity": {}, "purity_per_layer": {}}
+    routes, all_p = {}, []
+    for d, exs in [*tests.items(), ("mixed", mixed)]:
+        seqs = sequences(enc, [e["prompt"] for e in exs], answers[d])
+        routes[d] = completion_routing(model, seqs, enc, args.batch_size, args.device)
+        if d == "mixed":
+            continue
+        all_p += [p.reshape(-1, p.shape[-1]) for _, p in routes[d]]
+        if d in domains:
+            res["purity"][d], res["purity_per_layer"][d] = purity(torch.cat([c for c, _ in routes[d]], 1),
+                                                                  domains.index(d))
+        else:
+            res["purity"][d], res["purity_per_layer"][d] = None, None
+    res["max_weight_mean"], res["max_weight_gt_0.9"] = concentration(torch.cat(all_p))
+    switches, mixed_pur = [], []
+    for ex, ans, (choice, _) in zip(mixed, answers["mixed"], routes["mixed"]):
+        switches.append(expert_switches(choice))
+        d1, d2 = ex["domain"].split("+")
+        if d1 in domains and d2 in domains:
+            split = ans.index(sep) if sep in ans else len(ans)
+            mixed_pur.append(mixed_purity(choice, split, domains.index(d1), domains.index(d2)))
+    res["switches_per_mixed_answer"] = sum(switches) / len(switches)
+    res["mixed_purity"] = sum(mixed_pur) / len(mixed_pur) if mixed_pur else None
+    return res, routes
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+def write_atomic(text, path):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are for reading
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def fmt(x, digits=2):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def accuracy_table(res):
+    cols = res["domains"] + ["mixed"]
+    rows = []
+    for s, acc in res["accuracy"].items():
+        known = [acc[d] for d in res["domains"] if acc[d] is not None]
+        rows.append([s] + [fmt(acc[c]) for c in cols] + [fmt(sum(known) / len(known) if known else None)])
+    return table(["system"] + cols + ["mean (domains)"], rows)
+
+
+def report(res):
+    doms = res["domains"]
+    parts = [f"# nanoMoR evaluation ({res['preset']} preset)",
+             f"{res['n_test']} test prompts per domain and {res['n_test']} mixed prompts (two questions of two "
+             "domains; right only if both answers are right), the same for every system, greedy decoding. "
+             "seq_router: the trained mor_hard router votes over the prompt's tokens and layers, and the "
+             "winning expert is forced for the whole sequence. oracle: the domain's own RLVF expert.",
+             "## Accuracy", accuracy_table(res)]
+    rows = [[s, f"{p['trainable']:,}", f"{p['total']:,}", f"{p['trainable'] / p['total']:.2%}"]
+            for s, p in res["params"].items()]
+    parts += ["## Parameters",
+              "trainable: what is trained to build the system from the base and the given experts; total: "
+              "every parameter the system holds.", table(["system", "trainable", "total", "share"], rows)]
+    if res["routing"]:
+        rows = [[s] + [fmt(r["purity"][d]) for d in doms] + [fmt(r["mixed_purity"]), fmt(r["max_weight_mean"]),
+                fmt(r["max_weight_gt_0.9"]), fmt(r["switches_per_mixed_answer"])] for s, r in res["routing"].items()]
+        parts += ["## Routing",
+                  "purity: share of a domain's completion tokens (all layers) routed to that domain's expert, by "
+                  "the top-1 choice. mixed: the same on mixed answers, each part against its own domain's "
+                  "expert. max p: mean of the largest routing probability; > 0.9: share of tokens where it "
+                  "exceeds 0.9. switches: changes of the per-token majority expert along one mixed answer.",
+                  table(["system"] + doms + ["mixed", "max p", "> 0.9", "switches"], rows)]
+        rows = [[s, d] + [fmt(x) for x in layers] for s, r in res["routing"].items()
+                for d, layers in r["purity_per_layer"].items() if layers is not None]
+        if rows:
+            n_layer = len(rows[0]) - 2
+            parts += ["### Purity per layer", table(["system", "domain"] + [f"layer {i}" for i in range(n_layer)], rows)]
+    if res["behavior_kl"]:
+        rows = [[s] + [fmt(kl.get(d), 4) for d in doms] for s, kl in res["behavior_kl"].items()]
+        parts += ["## Behaviour preservation",
+                  f"Mean per-token KL(expert_D || system) on expert D's own greedy answers to the first "
+                  f"{res['n_kl']} test prompts of D, teacher-forced, over completion tokens (0 = the expert's "
+                  "behaviour exactly).", table(["system"] + doms, rows)]
+    if res["skipped"]:
+        parts += ["## Skipped", "\n".join(f"- {s}: {why}" for s, why in res["skipped"].items())]
+    parts += ["## Wall time (seconds)", table(["stage", "s"], [[k, f"{v:.1f}"] for k, v in res["seconds"].items()])]
+    return "\n\n".join(parts) + "\n"
+
+
+HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>nanoMoR routing</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
+.legend span.sw { display: inline-block; padding: 0.1em 0.6em; margin-right: 0.5em; border-radius: 3px; }
+.sample { margin: 0.8em 0; padding: 0.5em 0.8em; border: 1px solid #ddd; border-radius: 4px; }
+.head { font-size: 0.85em; color: #666; margin-bottom: 0.3em; }
+.text { font-family: ui-monospace, monospace; font-size: 1.05em; line-height: 1.9; white-space: pre-wrap; word-break: break-all; }
+.prompt { color: #888; }
+.tok { padding: 0.15em 0; }
+.right { color: #080; } .wrong { color: #b00; }
+</style></head><body>
+<h1>nanoMoR: token-level routing of mor_hard</h1>
+<p>Each answer token is coloured by the expert that wrote it (the routing of the forward pass that produced it).
+Grey: the prompt. Hover a token to see every layer's choice and its routing probability.</p>
+<div class="legend" id="legend"></div>
+<p><label>view: <select id="view"></select></label></p>
+<div id="samples"></div>
+<noscript>This page draws the tokens with JavaScript.</noscript>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+const data = JSON.parse(document.getElementById("data").textContent);
+const legend = document.getElementById("legend"), view = document.getElementById("view");
+data.experts.forEach(function (e, i) {
+  const s = document.createElement("span");
+  s.className = "sw"; s.style.background = e.color; s.textContent = "expert " + i + ": " + e.domain;
+  legend.appendChild(s);
+});
+view.add(new Option("majority over layers", "majority"));
+for (let l = 0; l < data.n_layer; l++) view.add(new Option("layer " + l, String(l)));
+function draw() {
+  const root = document.getElementById("samples");
+  root.innerHTML = "";
+  data.samples.forEach(function (s) {
+    const box = document.createElement("div"); box.className = "sample";
+    const head = document.createElement("div"); head.className = "head";
+    const mark = document.createElement("span");
+    mark.className = s.right ? "right" : "wrong"; mark.textContent = s.right ? " right" : " wrong";
+    head.textContent = s.title + " |"; head.appendChild(mark);
+    const text = document.createElement("div"); text.className = "text";
+    const prompt = document.createElement("span"); prompt.className = "prompt"; prompt.textContent = s.prompt;
+    text.appendChild(prompt);
+    s.tokens.forEach(function (t, j) {
+      const e = view.value === "majority" ? s.majority[j] : s.layers[Number(view.value)][j];
+      const span = document.createElement("span");
+      span.className = "tok"; span.textContent = t; span.style.background = data.experts[e].color;
+      span.title = s.layers.map(function (l, i) {
+        return "layer " + i + ": " + data.experts[l[j]].domain + " (p " + s.pmax[i][j].toFixed(2) + ")";
+      }).join("\\n");
+      text.appendChild(span);
+    });
+    box.appendChild(head); box.appendChild(text); root.appendChild(box);
+  });
+}
+view.addEventListener("change", draw);
+if (location.hash) view.value = location.hash.slice(1);  // routing.html#2 opens on layer 2
+draw();
+</script></body></html>
+"""
+
+
+def page_samples(enc, tests, mixed, answers, routes, per_domain=3, n_mixed=8):
+    """A few answers per domain and a few mixed ones, each token with its expert at every layer."""
+    eos = enc.encode_single_token("<|eos|>")
+    samples = []
+    picks = [(d, range(min(per_domain, len(exs)))) for d, exs in tests.items()]
+    picks.append(("mixed", range(0, len(mixed), 3)[:n_mixed]))  # every 3rd: mixed prompts cycle through the pairs
+    for d, rows in picks:
+        exs = mixed if d == "mixed" else tests[d]
+        for i in rows:
+            ex, ids, (choice, p) = exs[i], answers[d][i], routes[d][i]
+            gold = " | ".join(ex["answers"]) if "answers" in ex else ex["answer"]
+            samples.append({"title": f"{ex['domain']} #{i} (answer {gold})", "prompt": ex["prompt"],
+                            "right": bool(score(ex, decode(enc, ids))),
+                            "tokens": ["⏎" if t == eos else enc.decode([t]) for t in ids],  # EOS is routed too
+                            "layers": choice.tolist(), "majority": majority(choice).tolist(),
+                            "pmax": [[round(x, 2) for x in row] for row in p.max(-1).values.tolist()]})
+    return samples
+
+
+def routing_page(domains, n_layer, samples):
+    """The self-contained page: the data inline as JSON, drawn by the inline script."""
+    data = {"experts": [{"domain": d, "color": COLORS[i % len(COLORS)]} for i, d in enumerate(domains)],
+            "n_layer": n_layer, "samples": samples}
+    # "<" escaped so that no text can close the script element early
+    return HTML.replace("__DATA__", json.dumps(data).replace("<", "\\u003c"))
+
+
+# ---------------------------------------------------------------------------------------------
+
+SYSTEMS = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
+           ["merge", "seq_router", "oracle", *MOR_SYSTEMS])
+
+
+def reference_traces(base, base_ckpt, enc, args):
+    """{domain: (prompts, teacher-forcing sequences, log-probs)}: each RLVF expert's own greedy answers to
+    the first n_kl test prompts of its domain, and its next-token distributions along them."""
+    traces = {}
+    for d in DOMAINS:
+        path = os.path.join(args.out_dir, "experts", f"{d}.pt")
+        if args.n_kl == 0 or not os.path.exists(path):
+            continue
+        model, _ = with_adapter(base, load_adapter(path, base_ckpt))
+        prompts = [e["prompt"] for e in examples(d, "test", args.n_kl, args.seed)]
+        seqs = sequences(enc, prompts, greedy(model, enc, prompts, MAX_NEW_TOKENS, args.batch_size))
+        traces[d] = (prompts, seqs, completion_logprobs(model, seqs, enc, args.batch_size, args.device))
+    return traces
+
+
+def evaluate(name, model, enc, tests, mixed, traces, args, res):
+    """Every measure of one built system, into res. Returns its answers and, for MoR systems, routes."""
+    answers, res["accuracy"][name], votes = accuracies(model, enc, tests, mixed, args, name == "seq_router")
+    kl_forced = None
+    if votes:  # seq_router: which expert the prompts chose; the KL traces are routed by the same vote
+        experts = [x["domain"] for x in model.router.expert_info]
+        res["seq_router_votes"] = {d: {e: v.count(i) for i, e in enumerate(experts)} for d, v in votes.items()}
+        kl_forced = {d: prompt_vote(model, enc, traces[d][0], args.batch_size, args.device) for d in traces}
+    res["behavior_kl"][name] = {
+        d: behavior_kl(ref, completion_logprobs(model, seqs, enc, args.batch_size, args.device,
+                                                None if kl_forced is None else kl_forced[d]))
+        for d, (_, seqs, ref) in traces.items()}
+    routes = None
+    if name in MOR_SYSTEMS:
+        res["routing"][name], routes = routing_analysis(model, enc, tests, mixed, answers, args)
+    return answers, routes
+
+
+def add_oracle(res, base_total):
+    """Nothing to run: on each domain, that domain's own expert, measured as expert:D."""
+    experts = [d for d in DOMAINS if f"expert:{d}" in res["accuracy"]]
+    if not experts:
+        return "no RLVF expert found"
+    res["accuracy"]["oracle"] = {**{d: res["accuracy"][f"expert:{d}"][d] if d in experts else None for d in DOMAINS},
+                                 "mixed": None}
+    res["behavior_kl"]["oracle"] = {d: res["behavior_kl"][f"expert:{d}"][d] for d in experts
+                                    if d in res["behavior_kl"][f"expert:{d}"]}
+    # it holds every expert and trains nothing new
+    res["params"]["oracle"] = {"trainable": 0, "total": base_total + sum(res["params"][f"expert:{d}"]["trainable"]
+                                                                         for d in experts)}
+    return ""
+
+
+def write_outputs(res, page, out_dir):
+    write_atomic(json.dumps(res, indent=1), os.path.join(out_dir, "eval.json"))
+    write_atomic(report(res), os.path.join(out_dir, "report.md"))
+    if page is None:
+        print("no mor_hard model: routing.html not written")
+    else:
+        write_atomic(page, os.path.join(out_dir, "routing.html"))
+
+
+def main():
+    args = parse_args(__doc__, ["eval"])
+    if args.n_test < 1:
+        die("--n_test must be at least 1")
+    if args.batch_size < 1:
+        die("--batch_size must be at least 1")
+    timer = Timer()
+    if os.environ.get("NANOMOR_COMPILE") != "1":
+        # eval meets many batch shapes (every prompt batch, every teacher-forced batch) and each would
+        # compile the routed kernel anew: more time than it saves. NANOMOR_COMPILE=1 compiles anyway.
+        kernels.COMPILE = False
+    make_out_dir(args.out_dir)
+    base, enc, base_ckpt = load_base(args.out_dir, args.device)
+    tests = {d: examples(d, "test", args.n_test, args.seed) for d in DOMAINS}
+    mixed = mixed_examples("test", args.n_test, args.seed)
+    longest = max(len(encode_example(enc, e["prompt"])[0]) for e in mixed)
+    if longest + MAX_NEW_TOKENS_MIXED > base.config.block_size:
+        die(f"mixed prompts need {longest + MAX_NEW_TOKENS_MIXED} positions, the base has block_size {base.config.block_size}")
+    res = {"preset": args.preset, "seed": args.seed, "n_test": args.n_test, "n_kl": args.n_kl, "domains": DOMAINS,
+           "accuracy": {}, "params": {}, "routing": {}, "behavior_kl": {}, "skipped": {}, "seconds": {}}
+    t = Timer()
+    traces = reference_traces(base, base_ckpt, enc, args)
+    res["seconds"]["traces"] = t()
+
+    page = None
+    bar = tqdm(SYSTEMS, desc="eval", dynamic_ncols=True, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        t = Timer()
+        if name == "oracle":  # filled in from the expert:D results, nothing to build or run
+            built, why = None, add_oracle(res, n_params(base.parameters()))
+        else:
+            built, why = build(name, base, base_ckpt, args)
+        if why:
+            res["skipped"][name] = why
+            tqdm.write(f"skipping {name}: {why}")
+        if built is None:
+            continue
+        model, trainable, total = built
+        res["params"][name] = {"trainable": trainable, "total": total}
+        answers, routes = evaluate(name, model, enc, tests, mixed, traces, args, res)
+        if name == "mor_hard":
+            page = routing_page([x["domain"] for x in model.router.expert_info], len(model.blocks),
+                                page_samples(enc, tests, mixed, answers, routes))
+        res["seconds"][name] = t()
+        acc = res["accuracy"][name]
+        tqdm.write(f"{name:12s} | " + " ".join(f"{d} {acc[d]:.2f}" for d in DOMAINS) +
+                   f" | mixed {acc['mixed']:.2f} | {res['seconds'][name]:.1f}s")
+
+    res["switches"] = {s: r["switches_per_mixed_answer"] for s, r in res["routing"].items()}
+    res["seconds"]["total"] = timer()
+    write_outputs(res, page, args.out_dir)
+    print(accuracy_table(res))
+    print(f"wrote eval.json, report.md{', routing.html' if page else ''} to {args.out_dir} | "
+          f"total wall time {timer():.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""eval.py: the measures on hand-made cases with known answers, the mixed verifier, the routing page in a
+headless browser, and the whole smoke pipeline through the real command lines ending in eval.json."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from eval import (behavior_kl, concentration, expert_switches, majority, merged_adapter, mixed_purity, purity,
+                  routing_page, sequence_vote)
+from tasks import DOMAINS, examples, mixed_examples, score, verify_mixed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixed verifier
+
+def test_verify_mixed_right_half_right_wrong():
+    ex = mixed_examples("test", 1)[0]  # add then bool: the first ordered pair
+    (a1, a2), (c1, c2) = ex["answers"], ex["completion"].split(" | ")
+    assert ex["domain"] == "add+bool"
+    assert verify_mixed(ex["completion"], ex["answers"]) == 1.0 == score(ex, ex["completion"])
+    assert verify_mixed(f"{c1} | steps #### {'no' if a2 == 'yes' else 'yes'}", ex["answers"]) == 0.0  # second wrong
+    assert verify_mixed(f"steps #### 0 | {c2}", ex["answers"]) == 0.0  # first wrong
+    assert verify_mixed("steps #### 0 | steps #### maybe", ex["answers"]) == 0.0  # both wrong
+    assert verify_mixed(c1, ex["answers"]) == 0.0  # the second answer never came
+    assert verify_mixed(f"{c2} | {c1}", ex["answers"]) == 0.0  # right answers, wrong order
+    assert verify_mixed(f"{c1} | {c2} | {c2}", ex["answers"]) == 0.0  # a third part
+
+
+# ---------------------------------------------------------------------------------------------
+# the measures, by hand
+
+def test_purity_by_hand():
+    choice = torch.tensor([[0, 0, 1, 1],   # layer 0: 2 of 4 tokens to expert 0
+                           [0, 1, 1, 1]])  # layer 1: 1 of 4
+    overall, per_layer = purity(choice, 0)
+    assert overall == pytest.approx(3 / 8) and per_layer == pytest.approx([0.5, 0.25])
+    assert purity(choice, 1)[0] == pytest.approx(5 / 8)
+    assert purity(choice, 2) == (0.0, [0.0, 0.0])
+
+
+def test_mixed_purity_by_hand():
+    choice = torch.tensor([[3, 3, 1, 1, 1],
+                           [3, 1, 1, 1, 0]])
+    # the first two tokens answer the question of expert 3, the rest that of expert 1
+    assert mixed_purity(choice, 2, 3, 1) == pytest.approx(8 / 10)
+    assert mixed_purity(choice, 5, 3, 1) == pytest.approx(3 / 10)  # no second part: all against expert 3
+
+
+def test_majority_and_switches_by_hand():
+    choice = torch.tensor([[0, 0, 1, 1, 2, 2, 0],
+                           [0, 1, 1, 2, 2, 0, 1],
+                           [1, 0, 1, 2, 0, 0, 2]])
+    # per token: 0 0 1 2 2 0 and a three-way tie (0, 1, 2) that goes to the lowest id, 0
+    assert majority(choice).tolist() == [0, 0, 1, 2, 2, 0, 0]
+    assert expert_switches(choice) == 3
+    assert expert_switches(torch.zeros(4, 9, dtype=torch.long)) == 0
+    assert expert_switches(torch.tensor([[0, 1, 0, 1]])) == 3  # one layer: every change counts
+
+
+def test_sequence_vote_by_hand():
+    # expert 1 wins 5 of the 8 (layer, token) votes, though expert 0 leads at layer 0
+    assert sequence_vote(torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])) == 1
+    assert sequence_vote(torch.tensor([[2, 2], [1, 1]])) == 1  # a tie goes to the lowest id
+    assert sequence_vote(torch.tensor([[3]])) == 3
+
+
+def test_concentration_by_hand():
+    p = torch.tensor([[0.95, 0.05, 0.0], [0.5, 0.25, 0.25], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    mean_max, share = concentration(p)
+    assert mean_max == pytest.approx((0.95 + 0.5 + 0.8 + 1.0) / 4) and share == pytest.approx(0.5)
+    assert concentration(p.view(2, 2, 3)) == pytest.approx((mean_max, share))  # any leading shape
+
+
+def test_behavior_kl_by_hand():
+    ref = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    sys_ = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    # token 1: 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3); token 2: identical, 0
+    assert behavior_kl(ref, sys_) == pytest.approx(0.5 * math.log(4 / 3) / 2, rel=1e-5)
+    assert behavior_kl(ref, ref) == pytest.approx(0.0, abs=1e-7)
+    assert behavior_kl(sys_, ref) != pytest.approx(behavior_kl(ref, sys_))  # KL(expert || system), not symmetric
+
+
+def test_merge_averages_A_and_B_separately():
+    a = {"rank": 1, "alpha": 2.0, "targets": ["up"], "tensors": {"m.up.A": torch.tensor([[1.0, 0.0]]),
+                                                                 "m.up.B": torch.tensor([[2.0]])}}
+    b = {"rank": 1, "alpha": 2.0, "targets": ["up"], "tensors": {"m.up.A": torch.tensor([[0.0, 1.0]]),
+                                                                 "m.up.B": torch.tensor([[4.0]])}}
+    ad, _ = merged_adapter([a, b])
+    assert ad["tensors"]["m.up.A"].tolist() == [[0.5, 0.5]] and ad["tensors"]["m.up.B"].tolist() == [[3.0]]
+    assert ad["alpha"] == 2.0 and ad["rank"] == 1  # applied at the experts' own scale
+    ad, why = merged_adapter([a, dict(b, rank=2)])
+    assert ad is None and "rank" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# the routing page in a headless browser
+
+def test_routing_page_draws_coloured_tokens_in_chromium(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed")
+    samples = [{"title": "add+hop #0", "prompt": "add 1+2 | hop f a\n", "right": True, "tokens": list("1#</script>3"),
+                "layers": [[0] * 5 + [1] * 7, [0] * 3 + [1] * 9], "majority": [0] * 5 + [1] * 7,
+                "pmax": [[0.9] * 12, [0.6] * 12]}]
+    path = tmp_path / "routing.html"
+    path.write_text(routing_page(["add", "hop"], 2, samples))
+
+    def tokens_after_js(url):
+        r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+                           capture_output=True, text=True, timeout=120)
+        found = re.findall(r'<span class="tok"[^>]*? style="background: (rgb\([^)]*\));"[^>]*>([^<]*)</span>', r.stdout)
+        assert len(found) == 12, r.stdout[-2000:]
+        return r.stdout, found
+
+    add, hop = "rgb(230, 159, 0)", "rgb(86, 180, 233)"  # #E69F00 and #56B4E9
+    dom, tokens = tokens_after_js(path.as_uri())  # the majority view
+    assert [c for c, _ in tokens] == [add] * 5 + [hop] * 7
+    assert "".join(t for _, t in tokens) == "1#&lt;/script&gt;3"  # text, never markup
+    assert "expert 0: add" in dom and "expert 1: hop" in dom and '<option value="1">layer 1</option>' in dom
+    _, tokens = tokens_after_js(path.as_uri() + "#1")  # the layer selector, set through the URL
+    assert [c for c, _ in tokens] == [add] * 3 + [hop] * 9
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole smoke pipeline, every stage through its own command line
+
+def run(args):
+    # NANOMOR_COMPILE=0: compiling the routed kernel for each new tiny shape costs more than it saves here
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0")
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+def test_smoke_pipeline_writes_eval_json(tmp_path):
+    out = str(tmp_path)
+    common = ["--preset", "smoke", "--out_dir", out]
+    run(["pretrain.py", *common, "--eval_n", "2", "--pass_k", "0"])
+    experts = [["train_expert.py", *common, "--domain", d, "--steps", "1", "--eval_n", "2", *m]
+               for d in DOMAINS for m in ([], ["--method", "sft"])]
+    with ThreadPoolExecutor(2) as pool:  # one thread each: two at a time use the two cores
+        list(pool.map(run, experts))
+    run(["distill.py", *common])
+    # a smoke expert is almost never right, so distill keeps next to nothing: gold traces of the router
+    # split stand in, so the routers have something to train on
+    for d in DOMAINS:
+        with open(os.path.join(out, "distill", f"{d}.jsonl"), "a") as f:
+            for ex in examples(d, "router", 4, seed=1):
+                f.write(json.dumps(dict(ex, source="gold")) + "\n")
+    fast = ["--steps", "2", "--eval_n", "2"]
+    routers = [["train_router.py", *common, *fast, "--name", "mor_hard"],  # run.sh's flags
+               ["train_router.py", *common, *fast, "--name", "mor_soft", "--routing", "soft", "--top_k", "2"],
+               ["train_router.py", *common, *fast, "--name", "moe_soft", "--routing", "soft", "--top_k", "2",
+                "--per_layer", "--train_experts"]]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, routers))
+    log = run(["eval.py", *common])
+    assert "| system |" in log and "total wall time" in log
+
+    res = json.load(open(os.path.join(out, "eval.json")))
+    systems = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
+               ["merge", "seq_router", "oracle", "mor_hard", "mor_soft", "moe_soft"])
+    assert res["preset"] == "smoke" and res["seed"] == 0 and res["n_test"] == 8 and res["domains"] == DOMAINS
+    assert list(res["accuracy"]) == systems and list(res["params"]) == systems and not res["skipped"]
+    for s, acc in res["accuracy"].items():
+        assert list(acc) == DOMAINS + ["mixed"]
+        for d, a in acc.items():
+            if s == "oracle" and d == "mixed":
+                assert a is None
+            else:
+                assert 0.0 <= a <= 1.0 and a * 8 == int(a * 8)  # a share of the 8 prompts
+    assert all(res["accuracy"]["oracle"][d] == res["accuracy"][f"expert:{d}"][d] for d in DOMAINS)
+    for s, p in res["params"].items():
+        assert isinstance(p["trainable"], int) and isinstance(p["total"], int) and 0 <= p["trainable"] <= p["total"]
+    assert res["params"]["base"]["trainable"] == 0
+    assert 0 < res["params"]["mor_hard"]["trainable"] < res["params"]["moe_soft"]["trainable"]
+    assert res["params"]["seq_router"] == res["params"]["mor_hard"]
+    assert all(sum(v.values()) == 8 for v in res["seq_router_votes"].values())  # one vote per prompt
+    assert list(res["routing"]) == ["mor_hard", "mor_soft", "moe_soft"]
+    for r in res["routing"].values():
+        assert list(r["purity"]) == DOMAINS and all(0.0 <= x <= 1.0 for x in r["purity"].values())
+        assert all(len(layers) == 2 for layers in r["purity_per_layer"].values())  # smoke: 2 layers
+        assert 0.0 < r["max_weight_mean"] <= 1.0 and 0.0 <= r["max_weight_gt_0.9"] <= 1.0
+        assert r["switches_per_mixed_answer"] >= 0.0
+    assert set(res["behavior_kl"]) == set(systems)
+    for s, kl in res["behavior_kl"].items():
+        assert list(kl) == DOMAINS and all(x >= -1e-6 for x in kl.values())
+    assert all(abs(res["behavior_kl"][f"expert:{d}"][d]) < 1e-6 for d in DOMAINS)  # an expert against itself
+    assert set(systems) - {"oracle"} <= set(res["seconds"]) and res["seconds"]["total"] > 0
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Accuracy" in report and "| mor_hard |" in report and "## Behaviour preservation" in report
+    page = open(os.path.join(out, "routing.html")).read()
+    assert "<script" in page and '"samples"' in page and "src=" not in page and "href=" not in page  # self-contained
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_missing_base_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "eval.py", "--preset", "smoke", "--out_dir", str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: base model not found: {tmp_path / 'base.pt'}"]

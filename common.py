@@ -13,7 +13,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from tasks import DOMAINS, get_tokenizer, tokenizer_info
+from tasks import DOMAINS, MAX_NEW_TOKENS, examples, get_tokenizer, score, tokenizer_info
 
 # Every hyperparameter of every stage, per preset. Each key becomes a --flag of the script that
 # reads its section, so any of them can be overridden from the command line.
@@ -230,6 +230,16 @@ def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generato
         for c in model.generate(ids, max_new_tokens, eos, pad, temperature=temperature, generator=generator):
             out.append(enc.decode([t for t in c if t != eos]))
     return out
+
+
+@torch.no_grad()
+def greedy_accuracy(model, enc, domain, n):
+    """Greedy accuracy on the first n prompts of the domain's test split: the one number every
+    training script prints at its end."""
+    model.eval()
+    exs = examples(domain, "test", n)
+    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS)
+    return sum(score(e, o) for e, o in zip(exs, outs)) / max(1, n)
 
 
 def autocast(args):

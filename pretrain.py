@@ -11,7 +11,6 @@ Writes OUT/base.pt: weights, model config, tokenizer, training config, fingerpri
 """
 import math
 import os
-import random
 from dataclasses import asdict
 
 import torch

@@ -21,13 +21,12 @@ and --kl > 0 adds a KL penalty (k3 estimator) to the adapter-off model, the base
 import os
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, generate_text,
+from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy,
                     load_base, load_resume_state, make_out_dir, parse_args, save_atomic)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
-from tasks import DOMAINS, MAX_NEW_TOKENS, examples, sample, score, stream_rng, verify
+from tasks import DOMAINS, MAX_NEW_TOKENS, sample, stream_rng, verify
 
 
 def token_logprobs(model, idx, tgt):
@@ -105,15 +104,6 @@ def sft_step(model, enc, opt, batch, args):
     return {"loss": loss.item()}
 
 
-@torch.no_grad()
-def accuracy(model, enc, domain, n):
-    """Greedy accuracy on the first n prompts of the domain's test split."""
-    model.eval()
-    exs = examples(domain, "test", n)
-    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS)
-    return sum(score(e, o) for e, o in zip(exs, outs)) / n
-
-
 def main():
     def extra(p):
         p.add_argument("--domain", required=True, help=f"one of {', '.join(DOMAINS)}")
@@ -147,7 +137,7 @@ def main():
         gen.set_state(state["gen"])
         curve, evals, start = state["curve"], state["evals"], state["step"]
     else:
-        curve, evals, start = [], [(0, accuracy(model, enc, args.domain, args.eval_n))], 0
+        curve, evals, start = [], [(0, greedy_accuracy(model, enc, args.domain, args.eval_n))], 0
         print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True,
                leave=False, initial=start, total=args.steps)
@@ -167,7 +157,7 @@ def main():
         else:
             line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {args.lr:g}"
         if step % args.eval_every == 0 or step == args.steps:
-            evals.append((step, accuracy(model, enc, args.domain, args.eval_n)))
+            evals.append((step, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"
         tqdm.write(line)
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
@@ -176,7 +166,7 @@ def main():
                          "base": base_ckpt["fingerprint"]},
                         state_path)
     train_s = timer()
-    acc = {d: (evals[-1][1] if d == args.domain else accuracy(model, enc, d, args.eval_n)) for d in DOMAINS}
+    acc = {d: (evals[-1][1] if d == args.domain else greedy_accuracy(model, enc, d, args.eval_n)) for d in DOMAINS}
     start_acc = evals[0][1]
     print(f"{args.method} expert {args.domain}: own-domain greedy acc {start_acc:.2f} -> {acc[args.domain]:.2f} "
           f"in {train_s:.0f}s | other domains: " + " ".join(f"{d} {a:.2f}" for d, a in acc.items() if d != args.domain))

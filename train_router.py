@@ -23,11 +23,11 @@ import random
 import torch
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, generate_text, load_base,
+from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy, load_base,
                     make_out_dir, parse_args)
 from lora import apply_adapter, load_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
-from tasks import DOMAINS, MAX_NEW_TOKENS, examples, score
+from tasks import DOMAINS
 
 
 def read_traces(folder, domains):
@@ -61,15 +61,6 @@ def default_name(args):
     return "_".join(parts)
 
 
-@torch.no_grad()
-def accuracy(model, enc, domain, n):
-    """Greedy accuracy on the first n prompts of the domain's test split (as train_expert.py measures)."""
-    model.eval()
-    exs = examples(domain, "test", n)
-    outs = generate_text(model, enc, [e["prompt"] for e in exs], MAX_NEW_TOKENS)
-    return sum(score(e, o) for e, o in zip(exs, outs)) / max(1, n)
-
-
 def expert_accuracy(path, base, base_ckpt, enc, domain, n):
     """The expert's own greedy accuracy: from its file when measured on the same n prompts, else measured."""
     ad = load_adapter(path, base_ckpt)
@@ -78,7 +69,7 @@ def expert_accuracy(path, base, base_ckpt, enc, domain, n):
         return metrics["test_accuracy"]
     model = copy.deepcopy(base)
     apply_adapter(model, ad)
-    return accuracy(model, enc, domain, n)
+    return greedy_accuracy(model, enc, domain, n)
 
 
 def main():
@@ -150,7 +141,7 @@ def main():
     # quick check: does the composition keep each expert's own-domain accuracy?
     acc, expert_acc = {}, {}
     for d, f in zip(domains, expert_files):
-        acc[d] = accuracy(model, enc, d, args.eval_n)
+        acc[d] = greedy_accuracy(model, enc, d, args.eval_n)
         expert_acc[d] = expert_accuracy(f, base, base_ckpt, enc, d, args.eval_n)
         line = f"{args.name} {d:5s} | greedy acc {acc[d]:.2f} | expert alone {expert_acc[d]:.2f}"
         if expert_acc[d] > 0:  # the target: at least 95% of the expert's own accuracy

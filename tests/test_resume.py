@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import torch
 
 from common import load_base
 from lora import load_adapter

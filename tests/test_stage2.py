@@ -47,14 +47,10 @@ def test_distill_then_train_router(out, monkeypatch):
         assert f"distill {d}" in log and "kept" in log
         path = os.path.join(out, "distill", f"{d}.jsonl")
         rows = [json.loads(line) for line in open(path)]
+        assert rows  # the smoke preset's --gold_fallback: gold router-split traces when no trace verified
         for r in rows:
-            assert r["domain"] == d and r["source"] in ("greedy", "sample")
-        # a smoke base is almost never right, so its experts rarely pass the verifier: add gold traces of
-        # the router split as a stand-in, so the router has something to train on
-        if not rows:
-            with open(path, "a") as f:
-                for ex in examples(d, "router", 4, seed=1):
-                    f.write(json.dumps(dict(ex, source="gold")) + "\n")
+            assert r["domain"] == d and r["source"] in ("greedy", "sample", "gold")
+        assert len({r["source"] == "gold" for r in rows}) == 1  # gold only stands in for an empty yield
     log = run("train_router.py", "--preset", "smoke", "--out_dir", out, "--domains", ",".join(DOMAINS),
               "--steps", "3", "--eval_n", "2")
     assert "trainable" in log and "expert alone" in log

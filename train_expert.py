@@ -120,7 +120,8 @@ def main():
     params = lora_parameters(model)
     print(f"{args.method} expert for {args.domain}: {sum(p.numel() for p in params):,} trainable parameters "
           f"(LoRA r={args.rank} on {', '.join(EXPERT_TARGETS)})")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    lr = args.lr if args.method == "rl" else args.sft_lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = stream_rng(args.domain, "train", args.seed)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     timer = Timer()
@@ -153,9 +154,9 @@ def main():
         curve.append(stats)
         if args.method == "rl":
             line = (f"step {step}/{args.steps} | reward {stats['reward']:.2f} | pass@{args.group} {stats['pass']:.2f}"
-                    f" | len {stats['len']:.0f} | lr {args.lr:g}")
+                    f" | len {stats['len']:.0f} | lr {lr:g}")
         else:
-            line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {args.lr:g}"
+            line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {lr:g}"
         if step % args.eval_every == 0 or step == args.steps:
             evals.append((step, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"

@@ -281,7 +281,8 @@ def main():
     ap.add_argument("--experts", default="2,4,5,8,16,32", help="comma-separated numbers of experts")
     ap.add_argument("--iters", type=int, default=25, help="timed rounds (median reported)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (0: torch's default; 1 is steadier on a machine shared with other jobs)")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:

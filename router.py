@@ -66,7 +66,7 @@ class Router(nn.Module):
             idx = p.topk(self.top_k, -1).indices
         if self.routing == "hard":
             p_e = p.gather(-1, idx)
-            w = 1 + p_e - p_e.detach()  # straight-through: forward 1, backward d/dp
+            w = 1 + (p_e - p_e.detach())  # straight-through: exactly 1 forward (1 + p - p rounds), d/dp backward
         elif self.normalize:
             # p[top-k] / sum p[top-k] is the softmax of the chosen logits; written this way a top-1
             # weight is exactly 1 with exactly zero gradient, as the maths says

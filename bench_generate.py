@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import make_out_dir, parse_args
+from common import make_out_dir, parse_args, write_text_atomic
 from model import GPT, GPTConfig
 from tasks import DOMAINS, examples, get_tokenizer
 
@@ -68,9 +68,7 @@ def main():
     print(f"speedup of the KV cache: {res['speedup']:.1f}x (target >= 10x: {'PASS' if res['speedup'] >= 10 else 'MISS'})"
           f" | same tokens: {same}")
     path = os.path.join(args.out_dir, "bench_generate.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(json.dumps(res, indent=1), path)
     print(f"wrote {path}")
 
 

@@ -125,18 +125,28 @@ def make_out_dir(path):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_atomic(obj, path):
+def _write_atomic(path, write, mode):
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are for reading
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path):
+    """torch.save, atomically."""
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def write_text_atomic(text, path):
+    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def load_checkpoint(path, what="checkpoint", keys=()):

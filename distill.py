@@ -16,27 +16,13 @@ marked source "gold", so that the smoke pipeline runs end to end.
 import copy
 import json
 import os
-import tempfile
 
 import torch
 from tqdm import tqdm
 
-from common import Timer, check_domain, die, encode_example, load_base, make_out_dir, parse_args
+from common import Timer, check_domain, die, encode_example, load_base, make_out_dir, parse_args, write_text_atomic
 from lora import apply_adapter, load_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, examples, verify
-
-
-def write_jsonl_atomic(rows, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @torch.no_grad()
@@ -104,7 +90,7 @@ def main():
             rows = [dict(ex, source="gold") for ex in examples(d, "router", args.n_prompts, args.seed)]
             print(f"distill {d:5s} | no verified trace: --gold_fallback keeps {len(rows)} gold router-split traces")
         out = os.path.join(out_dir, f"{d}.jsonl")
-        write_jsonl_atomic(rows, out)
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out)
         greedy = sum(r["source"] == "greedy" for r in rows)
         print(f"distill {d:5s} | kept {n['kept']}/{n['generated']} ({n['kept'] / max(1, n['generated']):.0%}) | "
               f"greedy {greedy}/{args.n_prompts}, samples {n['kept'] - greedy}/{args.n_prompts * args.samples} | "

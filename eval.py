@@ -39,14 +39,14 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import kernels
-from common import Timer, completion_batch, die, encode_example, load_base, make_out_dir, parse_args
+from common import (Timer, completion_batch, die, encode_example, load_base, make_out_dir, parse_args,
+                    write_text_atomic)
 from lora import apply_adapter, load_adapter, lora_parameters, merge
 from router import count_parameters, forced_experts, load_mor
 from tasks import DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, SEP, examples, mixed_examples, score
@@ -299,19 +299,6 @@ def routing_analysis(model, enc, tests, mixed, answers, args):
 # ---------------------------------------------------------------------------------------------
 # outputs
 
-def write_atomic(text, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are for reading
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def fmt(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -512,12 +499,12 @@ def add_oracle(res, base_total):
 
 
 def write_outputs(res, page, out_dir):
-    write_atomic(json.dumps(res, indent=1), os.path.join(out_dir, "eval.json"))
-    write_atomic(report(res), os.path.join(out_dir, "report.md"))
+    write_text_atomic(json.dumps(res, indent=1), os.path.join(out_dir, "eval.json"))
+    write_text_atomic(report(res), os.path.join(out_dir, "report.md"))
     if page is None:
         print("no mor_hard model: routing.html not written")
     else:
-        write_atomic(page, os.path.join(out_dir, "routing.html"))
+        write_text_atomic(page, os.path.join(out_dir, "routing.html"))
 
 
 def main():

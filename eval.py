@@ -508,7 +508,13 @@ def write_outputs(res, page, out_dir):
 
 
 def main():
-    args = parse_args(__doc__, ["eval"])
+    def extra(p):
+        p.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
+    args = parse_args(__doc__, ["eval"], extra)
+    systems = [s for s in args.systems.split(",") if s] or SYSTEMS
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        die(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
     if args.n_test < 1:
         die("--n_test must be at least 1")
     if args.batch_size < 1:
@@ -532,7 +538,7 @@ def main():
     res["seconds"]["traces"] = t()
 
     page = None
-    bar = tqdm(SYSTEMS, desc="eval", dynamic_ncols=True, leave=False)
+    bar = tqdm(systems, desc="eval", dynamic_ncols=True, leave=False)
     for name in bar:
         bar.set_postfix_str(name)
         t = Timer()

@@ -21,37 +21,40 @@ PRESETS = {
     "smoke": {
         "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
         "pretrain": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=8, pass_k=4, seed=0, compile=False, bf16=False, ckpt_every=10),
+                         eval_n=8, pass_k=4, seed=0, compile=False, bf16=False, pack=True, ckpt_every=10),
         "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, sft_lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
-                       eval_n=8, seed=0, ckpt_every=2),
+                       eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=8, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
+                       eval_n=8, seed=0, pack=True),
         "eval": dict(n_test=8, n_kl=8, batch_size=64, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
         "pretrain": dict(steps=800, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, ckpt_every=100),
+                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=True, ckpt_every=100),
         "expert": dict(steps=80, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
-                       eval_n=100, seed=0, ckpt_every=20),
+                       eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=300, samples=4, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=100, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
+                       eval_n=100, seed=0, pack=True),
         "eval": dict(n_test=200, n_kl=100, batch_size=256, seed=0),
     },
-    "gpu": {
+    "gpu": {  # pack=False: without a mask SDPA can use flash attention
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
         "pretrain": dict(steps=3000, batch_size=256, lr=1e-3, warmup=200, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=500, pass_k=8, seed=0, compile=True, bf16=True, ckpt_every=250),
+                         eval_n=500, pass_k=8, seed=0, compile=True, bf16=True, pack=False, ckpt_every=250),
         "expert": dict(steps=150, prompts=64, group=16, lr=5e-4, sft_lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
-                       eval_n=500, seed=0, ckpt_every=25),
+                       eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=2000, samples=4, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lora_r=8, attn_alpha=16.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=500, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
+                       eval_n=500, seed=0, pack=False),
         "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
     },
 }
@@ -229,6 +232,45 @@ def completion_batch(enc, seqs, device):
         idx[i, :len(ids) - 1] = ids[:-1]
         tgt[i, n_prompt - 1:len(ids) - 1] = ids[n_prompt:]
     return idx.to(device), tgt.to(device)
+
+
+def training_batch(enc, seqs, device, pack):
+    """(idx, targets, pos, mask) for GPT.forward. With pack, completion_batch's sequences are packed
+    several to a row, so that little compute goes to padding: rows as long as the longest sequence,
+    filled first-fit, longest first. Each sequence keeps its own positions and attends only to itself
+    (a block-diagonal causal mask), so the loss is the padded batch's, on about half as many rows.
+    Without pack: one sequence per row, pos and mask None (SDPA's causal kernel; flash attention on GPU)."""
+    if not pack:
+        return (*completion_batch(enc, seqs, device), None, None)
+    pad = enc.encode_single_token("<|pad|>")
+    C = max(len(ids) for ids, _ in seqs) - 1
+    rows, free = [], []  # the sequences in each row, and the room left in it
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        n = len(seqs[i][0]) - 1
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(C)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    idx = torch.full((len(rows), C), pad, dtype=torch.long)
+    tgt = torch.full((len(rows), C), -1, dtype=torch.long)
+    pos = torch.zeros((len(rows), C), dtype=torch.long)
+    doc = torch.full((len(rows), C), -1, dtype=torch.long)  # which sequence of the row; -1 on padding
+    for r, members in enumerate(rows):
+        at = 0
+        for j, i in enumerate(members):
+            ids, n_prompt = torch.tensor(seqs[i][0]), seqs[i][1]
+            n = len(ids) - 1
+            idx[r, at:at + n] = ids[:-1]
+            tgt[r, at + n_prompt - 1:at + n] = ids[n_prompt:]
+            pos[r, at:at + n] = torch.arange(n)
+            doc[r, at:at + n] = j
+            at += n
+    causal = torch.ones(C, C, dtype=torch.bool).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # padding sees earlier padding: no empty row
+    return idx.to(device), tgt.to(device), pos.to(device), mask[:, None].to(device)
 
 
 def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generator=None, batch_size=256):

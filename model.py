@@ -165,8 +165,9 @@ class GPT(nn.Module):
         Returns a list of completions (token ids, without the prompt, up to and including EOS).
         temperature 0 is greedy. n_samples > 1 gives each prompt that many completions (rows
         prompt-major), prefilling each prompt once and copying its cache: a GRPO group shares one
-        prefill. use_cache=False recomputes the whole prefix every step (the slow reference the
-        cached path is tested and benchmarked against)."""
+        prefill. Rows that finished are dropped from the batch once they are a quarter of it.
+        use_cache=False recomputes the whole prefix every step (the slow reference the cached path
+        is tested and benchmarked against)."""
         device = self.wte.weight.device
         B = len(prompts)
         L = max(len(p) for p in prompts)
@@ -189,7 +190,8 @@ class GPT(nn.Module):
         if n_samples > 1 and not use_cache:  # without a cache there is no prefill to share
             idx, real, pos_all, mask_all = (t.repeat_interleave(n_samples, 0) for t in (idx, real, pos_all, mask_all))
             B, n_samples = B * n_samples, 1
-        out = torch.empty((B * n_samples, 0), dtype=torch.long, device=device)
+        out = torch.full((B * n_samples, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        rows = torch.arange(B * n_samples, device=device)  # the row of `out` each batch row writes to
         done = torch.zeros(B * n_samples, dtype=torch.bool, device=device)
         seq = idx
         for t in range(max_new_tokens):
@@ -215,12 +217,16 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out = torch.cat([out, nxt[:, None]], 1)
+            out[rows, t] = nxt
             seq = torch.cat([seq, nxt[:, None]], 1)
             done |= nxt == eos_id
             if done.all():
                 break
+            if use_cache and 4 * done.sum() >= len(done):  # a quarter of the rows finished: stop computing them
+                keep = ~done
+                rows, seq, pos_all, mask_all, done = rows[keep], seq[keep], pos_all[keep], mask_all[keep], done[keep]
+                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
         completions = []
-        for row in out.tolist():
+        for row in out[:, :t + 1].tolist():
             completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
         return completions

@@ -16,8 +16,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from common import (Timer, autocast, completion_batch, die, encode_example, fingerprint, generate_text,
-                    load_resume_state, make_out_dir, parse_args, save_atomic)
+from common import (Timer, autocast, die, encode_example, fingerprint, generate_text, load_resume_state,
+                    make_out_dir, parse_args, save_atomic, training_batch)
 from model import GPT, GPTConfig
 from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
                    sample, sample_mixed, score, stream_rng, tokenizer_info)
@@ -87,12 +87,12 @@ def main():
     bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps)
     for step in bar:
         batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
-        idx, tgt = completion_batch(enc, [encode_example(enc, e["prompt"], e["completion"]) for e in batch],
-                                    args.device)
+        seqs = [encode_example(enc, e["prompt"], e["completion"]) for e in batch]
+        idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast(args):
-            _, loss = step_fn(idx, tgt)
+            _, loss = step_fn(idx, tgt, pos=pos, mask=mask)
         if not torch.isfinite(loss):  # stop before the bad step touches the weights; the last checkpoint stays
             die(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint: {state_path})")
         loss.backward()

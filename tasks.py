@@ -230,11 +230,15 @@ def sample(domain, split, rng, bug_rate=0.0):
             "answer": true_ans}
 
 
+def join_mixed(a, b):
+    """One mixed example from two single-domain ones: both questions in one prompt, answered in order."""
+    return {"domain": f"{a['domain']}+{b['domain']}", "prompt": a["prompt"].strip() + SEP + b["prompt"],
+            "completion": a["completion"] + SEP + b["completion"], "answers": [a["answer"], b["answer"]]}
+
+
 def sample_mixed(d1, d2, split, rng, bug_rate=0.0):
     """Two questions of two domains in one prompt, answered in order."""
-    a, b = sample(d1, split, rng, bug_rate), sample(d2, split, rng, bug_rate)
-    return {"domain": f"{d1}+{d2}", "prompt": a["prompt"].strip() + SEP + b["prompt"],
-            "completion": a["completion"] + SEP + b["completion"], "answers": [a["answer"], b["answer"]]}
+    return join_mixed(sample(d1, split, rng, bug_rate), sample(d2, split, rng, bug_rate))
 
 
 def stream_rng(domain, split, seed):

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy,
-                    load_base, load_resume_state, make_out_dir, parse_args, save_atomic)
+                    load_base, load_resume_state, make_out_dir, parse_args, save_atomic, training_batch)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, sample, stream_rng, verify
 
@@ -95,9 +95,10 @@ def rl_step(model, enc, opt, batch, args, generator):
 
 def sft_step(model, enc, opt, batch, args):
     model.train()
-    idx, tgt = completion_batch(enc, [encode_example(enc, ex["prompt"], ex["completion"]) for ex in batch], args.device)
+    seqs = [encode_example(enc, ex["prompt"], ex["completion"]) for ex in batch]
+    idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
     with autocast(args):
-        _, loss = model(idx, tgt)
+        _, loss = model(idx, tgt, pos=pos, mask=mask)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

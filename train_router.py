@@ -5,6 +5,10 @@ The base and every expert OUT/experts/D.pt stay frozen; the model is base + expe
 (router.compose). It learns from the union of the experts' verified traces OUT/distill/*.jsonl, with
 next-token cross-entropy on completion tokens only. Each example of a batch first draws a domain
 uniformly, then one of that domain's traces, so a domain with more traces does not dominate.
+In a --mixed_frac share of the batches, each example joins two traces of two different domains into
+one mixed example (both questions in the prompt, both verified answers in order): our addition to the
+paper's recipe, so that the router and attention LoRA learn answers that switch experts mid-way
+(--mixed_frac 0 trains on single-domain traces only, as the paper does).
 
     python train_router.py                                   # the method: hard top-1, writes OUT/mor/mor_hard.pt
     python train_router.py --routing soft --top_k 2           # soft baseline (mor_soft_top2)
@@ -23,11 +27,11 @@ import random
 import torch
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy, load_base,
-                    make_out_dir, parse_args)
+from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base, make_out_dir,
+                    parse_args, training_batch)
 from lora import apply_adapter, load_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
-from tasks import DOMAINS
+from tasks import DOMAINS, join_mixed
 
 
 def read_traces(folder, domains):
@@ -50,6 +54,16 @@ def read_traces(folder, domains):
                 if row["domain"] in data:  # traces of domains without an expert here are not used
                     data[row["domain"]].append(row)
     return data
+
+
+def router_batch(data, domains, n, mixed_frac, rng):
+    """n training examples, each a trace of a uniformly drawn domain; or, for a mixed_frac share of
+    batches, two traces of two different domains joined into one mixed example (each half verified and
+    written by its own expert), so the router sees answers that must switch experts mid-way. Whole
+    batches of one kind keep padding short."""
+    if len(domains) > 1 and rng.random() < mixed_frac:
+        return [join_mixed(*(rng.choice(data[d]) for d in rng.sample(domains, 2))) for _ in range(n)]
+    return [rng.choice(data[rng.choice(domains)]) for _ in range(n)]
 
 
 def default_name(args):
@@ -116,13 +130,14 @@ def main():
     bar = tqdm(range(1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False)
     model.train()
     for step in bar:
-        batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(args.batch_size)]
-        idx, tgt = completion_batch(enc, [encode_example(enc, r["prompt"], r["completion"]) for r in batch], args.device)
+        batch = router_batch(data, train_domains, args.batch_size, args.mixed_frac, rng)
+        seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
+        idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
         lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))  # cosine to lr/10
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(args):
-            _, loss = model(idx, tgt)
+            _, loss = model(idx, tgt, pos=pos, mask=mask)
         ce = loss.item()
         if experts0:  # relearn baseline: experts may move, at a price
             loss = loss + args.l2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(expert_parameters(model), experts0))

@@ -45,14 +45,17 @@ def test_shared_prefill_matches_repeated_prompts():
 
 
 def test_rows_stop_at_eos():
+    # finished rows are dropped from the batch as they pile up: the others must not notice
     model = tiny()
-    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6], [1, 9]]
+    prompts = [[1, 5, 7], [1, 2, 3, 4, 5, 6], [1, 9], [1, 8, 8], [1, 4], [1, 6, 2, 9], [1, 30, 31], [1, 12]]
     full = model.generate(prompts, 12, eos_id=-1, pad_id=0)  # -1 never occurs: no row stops
     eos = full[0][3]
     outs = model.generate(prompts, 12, eos_id=eos, pad_id=0)
+    assert sum(eos in f for f in full) >= 2 and not all(eos in f for f in full)  # rows end at different times
     for f, o in zip(full, outs):
         expected = f[:f.index(eos) + 1] if eos in f else f
         assert o == expected
+    assert model.generate(prompts, 12, eos_id=eos, pad_id=0, use_cache=False) == outs
 
 
 def test_sampling_is_seeded():
@@ -82,3 +85,29 @@ def test_too_long_prompt_is_refused():
         assert "block_size" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_packed_batch_gives_the_padded_loss_and_gradients():
+    from common import completion_batch, encode_example, training_batch
+    from tasks import get_tokenizer, sample, sample_mixed, stream_rng
+    enc = get_tokenizer()
+    rng = stream_rng("pack", "train", 0)
+    exs = [sample(d, "train", rng) for d in ["add", "bool", "pick", "ok", "hop"] * 3]
+    exs.append(sample_mixed("bool", "add", "train", rng))  # the longest sets the row length
+    seqs = [encode_example(enc, e["prompt"], e["completion"]) for e in exs]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=256, n_layer=2, n_head=2, n_embd=32))
+    idx, tgt = completion_batch(enc, seqs, "cpu")
+    pidx, ptgt, pos, mask = training_batch(enc, seqs, "cpu", pack=True)
+    assert pidx.shape[0] < idx.shape[0] and pidx.shape[1] == idx.shape[1]  # fewer rows, same length
+    assert sorted(ptgt[ptgt != -1].tolist()) == sorted(tgt[tgt != -1].tolist())  # the same targets
+    grads = []
+    for kwargs in (dict(idx=idx, targets=tgt), dict(idx=pidx, targets=ptgt, pos=pos, mask=mask)):
+        model.zero_grad()
+        _, loss = model(**kwargs)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert training_batch(enc, seqs, "cpu", pack=False)[2:] == (None, None)

@@ -235,13 +235,16 @@ def completion_batch(enc, seqs, device):
 
 
 def training_batch(enc, seqs, device, pack):
-    """(idx, targets, pos, mask) for GPT.forward. With pack, completion_batch's sequences are packed
+    """(idx, targets, pos, mask, seq) for GPT.forward; seq (R, T) says which of seqs each position
+    belongs to (-1 on padding), for per-sequence weights such as RL advantages. With pack, completion_batch's sequences are packed
     several to a row, so that little compute goes to padding: rows as long as the longest sequence,
     filled first-fit, longest first. Each sequence keeps its own positions and attends only to itself
     (a block-diagonal causal mask), so the loss is the padded batch's, on about half as many rows.
     Without pack: one sequence per row, pos and mask None (SDPA's causal kernel; flash attention on GPU)."""
     if not pack:
-        return (*completion_batch(enc, seqs, device), None, None)
+        idx, tgt = completion_batch(enc, seqs, device)
+        seq = torch.arange(len(seqs), device=device)[:, None].expand_as(idx)
+        return idx, tgt, None, None, seq
     pad = enc.encode_single_token("<|pad|>")
     C = max(len(ids) for ids, _ in seqs) - 1
     rows, free = [], []  # the sequences in each row, and the room left in it
@@ -257,20 +260,20 @@ def training_batch(enc, seqs, device, pack):
     idx = torch.full((len(rows), C), pad, dtype=torch.long)
     tgt = torch.full((len(rows), C), -1, dtype=torch.long)
     pos = torch.zeros((len(rows), C), dtype=torch.long)
-    doc = torch.full((len(rows), C), -1, dtype=torch.long)  # which sequence of the row; -1 on padding
+    seq = torch.full((len(rows), C), -1, dtype=torch.long)
     for r, members in enumerate(rows):
         at = 0
-        for j, i in enumerate(members):
+        for i in members:
             ids, n_prompt = torch.tensor(seqs[i][0]), seqs[i][1]
             n = len(ids) - 1
             idx[r, at:at + n] = ids[:-1]
             tgt[r, at + n_prompt - 1:at + n] = ids[n_prompt:]
             pos[r, at:at + n] = torch.arange(n)
-            doc[r, at:at + n] = j
+            seq[r, at:at + n] = i
             at += n
     causal = torch.ones(C, C, dtype=torch.bool).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # padding sees earlier padding: no empty row
-    return idx.to(device), tgt.to(device), pos.to(device), mask[:, None].to(device)
+    mask = (seq[:, :, None] == seq[:, None, :]) & causal  # padding sees earlier padding: no empty row
+    return idx.to(device), tgt.to(device), pos.to(device), mask[:, None].to(device), seq.to(device)
 
 
 def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generator=None, batch_size=256):

@@ -113,12 +113,19 @@ def greedy(model, enc, prompts, max_new_tokens, batch_size, forced=None):
     """Greedy completions as token ids (with EOS when the answer ended), in batches (as
     common.generate_text, but the ids are kept: KL and routing re-read exactly these tokens).
     forced: one expert id per prompt, held for the whole sequence."""
+    if forced is not None:  # each expert answers the prompts that chose it (generation drops finished rows)
+        out = [None] * len(prompts)
+        for e in sorted(set(forced)):
+            mine = [i for i, f in enumerate(forced) if f == e]
+            with forced_experts(model, e):
+                for i, c in zip(mine, greedy(model, enc, [prompts[i] for i in mine], max_new_tokens, batch_size)):
+                    out[i] = c
+        return out
     eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
-        with maybe_forced(model, None if forced is None else forced[i:i + batch_size]):
-            out += model.generate(ids, max_new_tokens, eos, pad)
+        out += model.generate(ids, max_new_tokens, eos, pad)
     return out
 
 

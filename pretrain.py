@@ -88,7 +88,7 @@ def main():
     for step in bar:
         batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
         seqs = [encode_example(enc, e["prompt"], e["completion"]) for e in batch]
-        idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
+        idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast(args):

@@ -38,8 +38,8 @@ class Router(nn.Module):
     """The routing decision for every token at every layer: (idx, w), each (N, k).
 
     One weight shared by all layers (the method); per_layer=True gives each layer its own (the relearn
-    baseline). `forced` (a (B,) long tensor of expert ids, one per sequence, or None) overrides the
-    choice but keeps the mode's weight rule, for the oracle / seq_router baselines and for tests.
+    baseline). `forced` (one expert id for every token, or a (B,) long tensor of ids, one per sequence;
+    None: the router decides) overrides the choice but keeps the mode's weight rule, for the oracle / seq_router baselines and for tests.
     With `record` on, the last forward's p, idx and w of each layer are kept in `records[layer]`."""
 
     def __init__(self, d_model, n_experts, n_layer, routing="hard", top_k=1, normalize=False, per_layer=False):
@@ -56,7 +56,9 @@ class Router(nn.Module):
         B, T, C = x.shape
         logits = F.linear(x.reshape(B * T, C), self.weight[layer if self.per_layer else 0]).float()
         p = F.softmax(logits, -1)
-        if self.forced is not None:
+        if self.forced is not None and self.forced.dim() == 0:
+            idx = self.forced.to(x.device).expand(B * T, 1)
+        elif self.forced is not None:
             if self.forced.numel() != B:
                 raise ValueError(f"forced routing names {self.forced.numel()} experts for a batch of {B} sequences")
             idx = self.forced.to(x.device).repeat_interleave(T)[:, None]
@@ -166,7 +168,8 @@ def expert_index(model, domain):
 
 @contextlib.contextmanager
 def forced_experts(model, ids):
-    """Route every token of sequence b to expert ids[b] inside the block (ids: list or (B,) tensor)."""
+    """Route every token to expert ids (an int) or every token of sequence b to expert ids[b] (a list or
+    (B,) tensor) inside the block."""
     old = model.router.forced
     model.router.forced = torch.as_tensor(ids, dtype=torch.long)
     try:

@@ -23,15 +23,15 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy,
+from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy,
                     load_base, load_resume_state, make_out_dir, parse_args, save_atomic, training_batch)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, sample, stream_rng, verify
 
 
-def token_logprobs(model, idx, tgt):
+def token_logprobs(model, idx, tgt, pos=None, mask=None):
     """log p(target) at every position (0 where the target is masked)."""
-    logits, _ = model(idx)
+    logits, _ = model(idx, pos=pos, mask=mask)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp * (tgt != -1)
 
@@ -56,35 +56,39 @@ def group_advantages(rewards, group, std_norm=False):
     return adv.view(-1)
 
 
-def policy_loss(model, idx, tgt, adv, old_logp=None, clip=0.0, kl=0.0):
-    """Token-level policy gradient over completion tokens, summed and divided by their count."""
-    mask = (tgt != -1).float()
-    logp = token_logprobs(model, idx, tgt)
+def policy_loss(model, idx, tgt, adv, pos=None, mask=None, old_logp=None, clip=0.0, kl=0.0):
+    """Token-level policy gradient over completion tokens, summed and divided by their count. adv is
+    one advantage per row (B,) or per token (B, T) (packed rows hold several rollouts)."""
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    logp = token_logprobs(model, idx, tgt, pos, mask)
     if clip > 0:
         ratio = torch.exp(logp - old_logp)
-        per_tok = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip, 1 + clip) * adv[:, None])
+        per_tok = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     else:
-        per_tok = -adv[:, None] * logp
+        per_tok = -adv * logp
     if kl > 0:
         with torch.no_grad(), adapters_off(model):
-            ref = token_logprobs(model, idx, tgt)
+            ref = token_logprobs(model, idx, tgt, pos, mask)
         per_tok = per_tok + kl * (torch.exp(ref - logp) - (ref - logp) - 1)
-    return (per_tok * mask).sum() / mask.sum().clamp(min=1)
+    counted = (tgt != -1).float()
+    return (per_tok * counted).sum() / counted.sum().clamp(min=1)
 
 
 def rl_step(model, enc, opt, batch, args, generator):
     model.eval()  # sampling: no dropout
     prompts, comps, rewards = rollouts(model, enc, batch, args.group, args.temperature, generator)
     adv = group_advantages(rewards, args.group, args.std_norm).to(args.device)
-    idx, tgt = completion_batch(enc, [(p + c, len(p)) for p, c in zip(prompts, comps)], args.device)
+    idx, tgt, pos, mask, seq = training_batch(enc, [(p + c, len(p)) for p, c in zip(prompts, comps)], args.device,
+                                              args.pack)
+    adv = adv[seq.clamp(min=0)]  # each token gets its rollout's advantage
     old_logp = None
     if args.clip > 0:
         with torch.no_grad():
-            old_logp = token_logprobs(model, idx, tgt)
+            old_logp = token_logprobs(model, idx, tgt, pos, mask)
     model.train()
     for _ in range(max(1, args.ppo_epochs)):
         with autocast(args):
-            loss = policy_loss(model, idx, tgt, adv, old_logp, args.clip, args.kl)
+            loss = policy_loss(model, idx, tgt, adv, pos, mask, old_logp, args.clip, args.kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,7 +100,7 @@ def rl_step(model, enc, opt, batch, args, generator):
 def sft_step(model, enc, opt, batch, args):
     model.train()
     seqs = [encode_example(enc, ex["prompt"], ex["completion"]) for ex in batch]
-    idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
+    idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
     with autocast(args):
         _, loss = model(idx, tgt, pos=pos, mask=mask)
     opt.zero_grad(set_to_none=True)

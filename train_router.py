@@ -132,7 +132,7 @@ def main():
     for step in bar:
         batch = router_batch(data, train_domains, args.batch_size, args.mixed_frac, rng)
         seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
-        idx, tgt, pos, mask = training_batch(enc, seqs, args.device, args.pack)
+        idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
         lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))  # cosine to lr/10
         for group in opt.param_groups:
             group["lr"] = lr

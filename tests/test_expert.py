@@ -6,7 +6,7 @@ from argparse import Namespace
 import torch
 
 import train_expert
-from common import completion_batch, encode_example, load_base
+from common import completion_batch, encode_example, load_base, training_batch
 from lora import EXPERT_TARGETS, attach, load_adapter, lora_layers, lora_parameters
 from model import GPT, GPTConfig
 from tasks import examples, get_tokenizer
@@ -25,7 +25,7 @@ def tiny_with_lora():
 
 
 def rl_args(**kw):
-    base = dict(group=4, temperature=1.0, std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, device="cpu")
+    base = dict(group=4, temperature=1.0, std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, device="cpu", pack=True)
     return Namespace(**{**base, **kw})
 
 
@@ -107,3 +107,18 @@ def test_smoke_expert_end_to_end(tmp_path):
         assert len(ad["meta"]["metrics"]["curve"]) == 3
     r = run("train_expert.py", "--domain", "chess")
     assert r.returncode != 0 and "unknown domain" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_packed_rollouts_give_the_padded_policy_loss():
+    model = tiny_with_lora()
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.B.normal_(std=0.1)
+    seqs = [encode_example(ENC, e["prompt"], e["completion"]) for d in ("add", "bool", "ok") for e in examples(d, "train", 3)]
+    adv = torch.linspace(-1, 1, len(seqs))
+    losses = []
+    for pack in (False, True):
+        idx, tgt, pos, mask, seq = training_batch(ENC, seqs, "cpu", pack)
+        losses.append(train_expert.policy_loss(model, idx, tgt, adv[seq.clamp(min=0)], pos, mask, kl=0.1).item())
+    assert idx.shape[0] < len(seqs)  # packed: fewer rows
+    assert abs(losses[0] - losses[1]) < 1e-5

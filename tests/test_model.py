@@ -98,7 +98,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=256, n_layer=2, n_head=2, n_embd=32))
     idx, tgt = completion_batch(enc, seqs, "cpu")
-    pidx, ptgt, pos, mask = training_batch(enc, seqs, "cpu", pack=True)
+    pidx, ptgt, pos, mask, _ = training_batch(enc, seqs, "cpu", pack=True)
     assert pidx.shape[0] < idx.shape[0] and pidx.shape[1] == idx.shape[1]  # fewer rows, same length
     assert sorted(ptgt[ptgt != -1].tolist()) == sorted(tgt[tgt != -1].tolist())  # the same targets
     grads = []
@@ -110,4 +110,4 @@ def test_packed_batch_gives_the_padded_loss_and_gradients():
     assert abs(grads[0][0] - grads[1][0]) < 1e-5
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert training_batch(enc, seqs, "cpu", pack=False)[2:] == (None, None)
+    assert training_batch(enc, seqs, "cpu", pack=False)[2:4] == (None, None)

@@ -67,6 +67,8 @@ def test_forced_hard_routing_is_the_expert_alone(setup):
             got_hard, _ = hard(idx)
             got_soft, _ = soft(idx)
         assert torch.allclose(got_hard, want, atol=1e-5), (got_hard - want).abs().max()
+        with forced_experts(hard, e):  # one id for every sequence, whatever the batch
+            assert torch.equal(hard(idx)[0], got_hard)
         assert not torch.allclose(got_soft, want, atol=1e-3)  # p_e < 1 shrinks the expert's update
         assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # the expert really changes something
 

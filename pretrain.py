@@ -31,6 +31,23 @@ def pretrain_batch(rng, n, bug_rate, mixed_frac):
     return [sample(rng.choice(DOMAINS), "train", rng, bug_rate) for _ in range(n)]
 
 
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU, from the data sheets
+
+
+def peak_flops(device):
+    """The GPU's peak bf16 FLOP/s when we know it (MFU is printed against it), else None."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for gpu, f in PEAK_FLOPS.items() if gpu in name), None)
+
+
+def flops_per_token(config, n_params, T):
+    """Training FLOPs per token: 6 per weight outside the embedding (forward 2, backward 4) plus
+    attention's scores and weighted sum over T positions (12 per layer per channel per position)."""
+    return 6 * n_params + 12 * config.n_layer * config.n_embd * T
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -83,7 +100,9 @@ def main():
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         losses, start = state["losses"], state["step"]
-    timer = Timer()
+    peak = peak_flops(args.device)
+    n_matmul = n_params - model.wte.weight.numel()
+    flops, timer = [], Timer()
     bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps)
     for step in bar:
         batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
@@ -100,14 +119,18 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        flops.append((timer(), flops_per_token(config, n_matmul, idx.size(1)) * sum(len(ids) - 1 for ids, _ in seqs)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
                          "config": vars(args)}, state_path)
     train_s = timer()
+    done = flops[min(10, len(flops) // 2):]  # after the first steps (compilation, warm-up)
+    rate = sum(f for _, f in done[1:]) / max(1e-9, done[-1][0] - done[0][0]) if len(done) > 1 else 0.0
     print(f"trained {args.steps} steps in {train_s:.0f}s | loss {sum(losses[:10]) / min(10, len(losses)):.3f} "
-          f"-> {sum(losses[-10:]) / min(10, len(losses)):.3f}")
+          f"-> {sum(losses[-10:]) / min(10, len(losses)):.3f} | {rate / 1e12:.3f} TFLOP/s"
+          + (f" | MFU {rate / peak:.1%} of {torch.cuda.get_device_name(args.device)}" if peak else ""))
 
     acc, pass_at = evaluate(model, enc, args.eval_n, args.pass_k, args.seed)
     for d in DOMAINS:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base, make_out_dir,
                     parse_args, training_batch)
-from lora import apply_adapter, load_adapter
+from lora import apply_adapter, load_adapter, lora_parameters
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS, join_mixed
 
@@ -122,7 +122,10 @@ def main():
           f"{' normalized' if args.normalize else ''}{' per-layer' if args.per_layer else ' shared'} | "
           f"trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    attn = [id(p) for p in lora_parameters(model)]  # the attention LoRA learns at its own rate, --attn_lr
+    groups = [{"params": [p for p in params if id(p) not in attn], "base_lr": args.lr},
+              {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     t0 = timer()
     losses = []
@@ -133,9 +136,9 @@ def main():
         batch = router_batch(data, train_domains, args.batch_size, args.mixed_frac, rng)
         seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
         idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
-        lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))  # cosine to lr/10
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))  # cosine to a tenth
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * decay
         with autocast(args):
             _, loss = model(idx, tgt, pos=pos, mask=mask)
         ce = loss.item()
@@ -150,7 +153,7 @@ def main():
             die(f"loss became {ce} at step {step}; lower --lr")
         bar.set_postfix(loss=f"{ce:.3f}")
         if step % every == 0 or step == args.steps:
-            tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {lr:.2e}")
+            tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {args.lr * decay:.2e}")
     train_s = timer() - t0
 
     # quick check: does the composition keep each expert's own-domain accuracy?

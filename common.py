@@ -27,7 +27,7 @@ PRESETS = {
                        eval_n=8, seed=0, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=8, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=8, seed=0, ckpt_every=5),
         "eval": dict(n_test=8, n_kl=8, batch_size=64, seed=0),
     },
     "cpu": {
@@ -39,7 +39,8 @@ PRESETS = {
                        eval_n=100, seed=0, ckpt_every=20),
         "distill": dict(n_prompts=300, samples=4, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=100, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=100, seed=0,
+                       ckpt_every=50),
         "eval": dict(n_test=200, n_kl=100, batch_size=256, seed=0),
     },
     "gpu": {
@@ -51,7 +52,8 @@ PRESETS = {
                        eval_n=500, seed=0, ckpt_every=25),
         "distill": dict(n_prompts=2000, samples=4, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lora_r=8, attn_alpha=16.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=500, seed=0),
+                       normalize=False, per_layer=False, train_experts=False, l2=1.0, eval_n=500, seed=0,
+                       ckpt_every=100),
         "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
     },
 }

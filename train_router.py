@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy, load_base,
-                    make_out_dir, parse_args)
+                    load_resume_state, make_out_dir, parse_args, save_atomic)
 from lora import apply_adapter, load_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS
@@ -110,10 +110,24 @@ def main():
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
+    state_path = out_path[:-len(".pt")] + ".ckpt.pt"
+    inputs = [base_ckpt["fingerprint"]] + [x["fingerprint"] for x in model.router.expert_info]
+    state = load_resume_state(state_path, args, keys=("params", "opt", "rng", "torch_rng", "losses", "inputs"))
+    if state and state["inputs"] != inputs:
+        die(f"{state_path} was trained on another base or other experts; rerun without --resume")
+    losses, start = [], 0
+    if state:
+        with torch.no_grad():
+            for p, t in zip(params, state["params"]):
+                p.copy_(t)
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        losses, start = state["losses"], state["step"]
     t0 = timer()
-    losses = []
     every = max(1, args.steps // 10)
-    bar = tqdm(range(1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False)
+    bar = tqdm(range(start + 1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False, initial=start,
+               total=args.steps)
     model.train()
     for step in bar:
         batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(args.batch_size)]
@@ -124,6 +138,8 @@ def main():
         with autocast(args):
             _, loss = model(idx, tgt)
         ce = loss.item()
+        if not math.isfinite(ce):  # stop before the bad step touches the weights; the last checkpoint stays
+            die(f"loss became {ce} at step {step}; lower --lr (last good checkpoint: {state_path})")
         if experts0:  # relearn baseline: experts may move, at a price
             loss = loss + args.l2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(expert_parameters(model), experts0))
         opt.zero_grad(set_to_none=True)
@@ -131,11 +147,13 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(ce)
-        if not math.isfinite(ce):
-            die(f"loss became {ce} at step {step}; lower --lr")
         bar.set_postfix(loss=f"{ce:.3f}")
         if step % every == 0 or step == args.steps:
             tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {lr:.2e}")
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+            save_atomic({"params": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
+                         "torch_rng": torch.get_rng_state(), "losses": losses, "step": step, "config": vars(args),
+                         "inputs": inputs}, state_path)
     train_s = timer() - t0
 
     # quick check: does the composition keep each expert's own-domain accuracy?
@@ -151,6 +169,8 @@ def main():
     save_mor(out_path, model, base_ckpt, name=args.name, train_config=vars(args),
              metrics={"loss": losses, "accuracy": acc, "expert_accuracy": expert_acc, "trainable_params": n_train,
                       "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
+    if os.path.exists(state_path):
+        os.remove(state_path)  # the finished router supersedes it
     print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s")
 
 

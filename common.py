@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
 from tasks import DOMAINS, MAX_NEW_TOKENS, examples, get_tokenizer, score, tokenizer_info
@@ -108,6 +109,30 @@ def parse_args(description, sections, add_args=None, argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die("--device cuda asked for, but CUDA is not available")
     return args
+
+
+def setup_ddp(device):
+    """Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment): join the process group, nccl
+    on GPU, gloo on CPU, and return (rank, world size, this rank's device). Ranks other than 0 print
+    nothing: their stdout goes to /dev/null (errors still reach stderr). Alone: (0, 1, device), and
+    nothing else changes. The caller ends with dist.destroy_process_group() when world size > 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def per_rank(n, world, flag):
+    """This rank's share of a global batch of n."""
+    if n % world:
+        die(f"--{flag} {n} does not split evenly over {world} processes")
+    return n // world
 
 
 def check_domain(domain):

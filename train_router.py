@@ -21,10 +21,12 @@ import os
 import random
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, completion_batch, die, encode_example, greedy_accuracy, load_base,
-                    load_resume_state, make_out_dir, parse_args, save_atomic)
+                    load_resume_state, make_out_dir, parse_args, per_rank, save_atomic, setup_ddp)
 from lora import apply_adapter, load_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS
@@ -77,6 +79,8 @@ def main():
         p.add_argument("--name", default=None, help="output OUT/mor/NAME.pt (default: mor_hard, or derived from the flags)")
         p.add_argument("--domains", default=",".join(DOMAINS), help="experts to compose, comma-separated (default: all)")
     args = parse_args(__doc__, ["router"], extra)
+    rank, world, args.device = setup_ddp(args.device)
+    batch_size = per_rank(args.batch_size, world, "batch_size")
     timer = Timer()
     domains = [d for d in args.domains.split(",") if d]
     for d in domains:
@@ -109,7 +113,9 @@ def main():
           f"trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(args.seed)
+    # under torchrun DDP averages the router's (and attention LoRA's) gradients over ranks in backward
+    train_model = DDP(model) if world > 1 else model
+    rng = random.Random(args.seed + rank)  # each rank its own batches
     state_path = out_path[:-len(".pt")] + ".ckpt.pt"
     inputs = [base_ckpt["fingerprint"]] + [x["fingerprint"] for x in model.router.expert_info]
     state = load_resume_state(state_path, args, keys=("params", "opt", "rng", "torch_rng", "losses", "inputs"))
@@ -121,22 +127,23 @@ def main():
             for p, t in zip(params, state["params"]):
                 p.copy_(t)
         opt.load_state_dict(state["opt"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:  # the checkpoint holds rank 0's streams; other ranks start theirs afresh
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
         losses, start = state["losses"], state["step"]
     t0 = timer()
     every = max(1, args.steps // 10)
     bar = tqdm(range(start + 1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False, initial=start,
-               total=args.steps)
+               total=args.steps, disable=rank > 0)
     model.train()
     for step in bar:
-        batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(args.batch_size)]
+        batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(batch_size)]
         idx, tgt = completion_batch(enc, [encode_example(enc, r["prompt"], r["completion"]) for r in batch], args.device)
         lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))  # cosine to lr/10
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(args):
-            _, loss = model(idx, tgt)
+            _, loss = train_model(idx, tgt)
         ce = loss.item()
         if not math.isfinite(ce):  # stop before the bad step touches the weights; the last checkpoint stays
             die(f"loss became {ce} at step {step}; lower --lr (last good checkpoint: {state_path})")
@@ -150,11 +157,15 @@ def main():
         bar.set_postfix(loss=f"{ce:.3f}")
         if step % every == 0 or step == args.steps:
             tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {lr:.2e}")
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+        if rank == 0 and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
             save_atomic({"params": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step, "config": vars(args),
                          "inputs": inputs}, state_path)
     train_s = timer() - t0
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:  # rank 0 alone evaluates and writes
+            return
 
     # quick check: does the composition keep each expert's own-domain accuracy?
     acc, expert_acc = {}, {}

@@ -264,6 +264,10 @@ def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generato
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+        longest = max(len(p) for p in ids)
+        if longest + max_new_tokens > model.config.block_size:
+            die(f"a prompt of {longest} tokens plus {max_new_tokens} new ones does not fit the model's context "
+                f"of {model.config.block_size} tokens")
         for c in model.generate(ids, max_new_tokens, eos, pad, temperature=temperature, generator=generator):
             out.append(enc.decode([t for t in c if t != eos]))
     return out

@@ -91,11 +91,14 @@ def main():
         losses, start = state["losses"], state["step"]
     timer = Timer()
     bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps,
-               disable=rank > 0)
+               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
     for step in bar:
         batch = pretrain_batch(rng, batch_size, args.bug_rate, args.mixed_frac)
         idx, tgt = completion_batch(enc, [encode_example(enc, e["prompt"], e["completion"]) for e in batch],
                                     args.device)
+        if idx.shape[1] > config.block_size:
+            die(f"a training sequence of {idx.shape[1] + 1} tokens does not fit the model's context "
+                f"(--block_size {config.block_size})")
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast(args):

@@ -152,7 +152,8 @@ def main():
             evals.append((0, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True,
-               leave=False, initial=start, total=args.steps, disable=rank > 0)
+               leave=False, initial=start, total=args.steps,
+               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
     for step in bar:
         batch = [sample(args.domain, "train", rng) for _ in range(n)]
         if args.method == "rl":

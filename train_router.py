@@ -134,7 +134,7 @@ def main():
     t0 = timer()
     every = max(1, args.steps // 10)
     bar = tqdm(range(start + 1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False, initial=start,
-               total=args.steps, disable=rank > 0)
+               total=args.steps, disable=rank > 0 or None)  # None: a bar only on a terminal
     model.train()
     for step in bar:
         batch = [rng.choice(data[rng.choice(train_domains)]) for _ in range(batch_size)]

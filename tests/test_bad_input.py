@@ -104,6 +104,8 @@ CASES = [
     ("longer_than_context", None, "pretrain.py --out_dir {tmp} --block_size 48", "does not fit the model's context"),
     ("unknown_domain", None, "train_expert.py --out_dir {out} --domain nope", "unknown domain 'nope'"),
     ("unwritable_output", read_only, "pretrain.py --out_dir {tmp}", "cannot write to output folder"),
+    ("output_under_a_file", lambda tmp, out: open(os.path.join(tmp, "f"), "w").close(),  # fails for root too
+     "pretrain.py --out_dir {tmp}/f/sub", "cannot write to output folder"),
     ("non_finite_loss", None, "pretrain.py --out_dir {tmp} --lr 1e6 --ckpt_every 1", "loss became nan"),
 ]
 

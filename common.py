@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
 from tasks import DOMAINS, MAX_NEW_TOKENS, examples, get_tokenizer, score, tokenizer_info
@@ -26,9 +27,9 @@ PRESETS = {
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
                        eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
-        "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-4, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
-                       eval_n=8, seed=0, pack=True),
+        "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-4, attn_lora_r=4, attn_alpha=8.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
         "eval": dict(n_test=8, n_kl=8, batch_size=64, seed=0),
     },
     "cpu": {
@@ -39,9 +40,9 @@ PRESETS = {
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=300, samples=4, temperature=1.0, seed=0, gold_fallback=False),
-        "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lr=3e-4, attn_lora_r=4, attn_alpha=8.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
-                       eval_n=100, seed=0, pack=True),
+        "router": dict(steps=300, batch_size=64, lr=3e-3, attn_lr=3e-4, attn_lora_r=4, attn_alpha=8.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
         "eval": dict(n_test=200, n_kl=100, batch_size=256, seed=0),
     },
     "gpu": {  # pack=False: without a mask SDPA can use flash attention
@@ -52,9 +53,9 @@ PRESETS = {
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
                        eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=2000, samples=4, temperature=1.0, seed=0, gold_fallback=False),
-        "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lr=1e-4, attn_lora_r=8, attn_alpha=16.0, routing="hard", top_k=1,
-                       normalize=False, per_layer=False, train_experts=False, l2=1.0, mixed_frac=0.25,
-                       eval_n=500, seed=0, pack=False),
+        "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lr=1e-4, attn_lora_r=8, attn_alpha=16.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
         "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
     },
 }
@@ -109,6 +110,30 @@ def parse_args(description, sections, add_args=None, argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die("--device cuda asked for, but CUDA is not available")
     return args
+
+
+def setup_ddp(device):
+    """Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment): join the process group, nccl
+    on GPU, gloo on CPU, and return (rank, world size, this rank's device). Ranks other than 0 print
+    nothing: their stdout goes to /dev/null (errors still reach stderr). Alone: (0, 1, device), and
+    nothing else changes. The caller ends with dist.destroy_process_group() when world size > 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def per_rank(n, world, flag):
+    """This rank's share of a global batch of n."""
+    if n % world:
+        die(f"--{flag} {n} does not split evenly over {world} processes")
+    return n // world
 
 
 def check_domain(domain):
@@ -282,6 +307,10 @@ def generate_text(model, enc, prompts, max_new_tokens, temperature=0.0, generato
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+        longest = max(len(p) for p in ids)
+        if longest + max_new_tokens > model.config.block_size:
+            die(f"a prompt of {longest} tokens plus {max_new_tokens} new ones does not fit the model's context "
+                f"of {model.config.block_size} tokens")
         for c in model.generate(ids, max_new_tokens, eos, pad, temperature=temperature, generator=generator):
             out.append(enc.decode([t for t in c if t != eos]))
     return out

@@ -14,10 +14,12 @@ import os
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Timer, autocast, die, encode_example, fingerprint, generate_text, load_resume_state,
-                    make_out_dir, parse_args, save_atomic, training_batch)
+                    make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
 from model import GPT, GPTConfig
 from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
                    sample, sample_mixed, score, stream_rng, tokenizer_info)
@@ -79,6 +81,8 @@ def evaluate(model, enc, n, pass_k, seed=0):
 
 def main():
     args = parse_args(__doc__, ["model", "pretrain"])
+    rank, world, args.device = setup_ddp(args.device)
+    batch_size = per_rank(args.batch_size, world, "batch_size")
     make_out_dir(args.out_dir)
     torch.manual_seed(args.seed)
     enc = get_tokenizer()
@@ -89,24 +93,31 @@ def main():
     print(f"base model: {n_params / 1e6:.2f}M parameters, {config}")
     fused = args.device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
-    step_fn = torch.compile(model) if args.compile else model
-    rng = stream_rng("pretrain", "train", args.seed)
+    ddp = DDP(model) if world > 1 else model  # under torchrun: gradients averaged over ranks in backward
+    step_fn = torch.compile(ddp) if args.compile else ddp
+    rng = stream_rng("pretrain", "train", args.seed + rank)  # each rank its own data
     state_path = os.path.join(args.out_dir, "pretrain.ckpt.pt")
     losses, start = [], 0
     state = load_resume_state(state_path, args, keys=("model", "opt", "rng", "torch_rng", "losses"))
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:  # the checkpoint holds rank 0's streams; other ranks start theirs afresh
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
         losses, start = state["losses"], state["step"]
     peak = peak_flops(args.device)
     n_matmul = n_params - model.wte.weight.numel()
     flops, timer = [], Timer()
-    bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps,
+               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
     for step in bar:
-        batch = pretrain_batch(rng, args.batch_size, args.bug_rate, args.mixed_frac)
+        batch = pretrain_batch(rng, batch_size, args.bug_rate, args.mixed_frac)
         seqs = [encode_example(enc, e["prompt"], e["completion"]) for e in batch]
+        longest = max(len(ids) for ids, _ in seqs)
+        if longest - 1 > config.block_size:
+            die(f"a training sequence of {longest} tokens does not fit the model's context "
+                f"(--block_size {config.block_size})")
         idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -119,15 +130,20 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        flops.append((timer(), flops_per_token(config, n_matmul, idx.size(1)) * sum(len(ids) - 1 for ids, _ in seqs)))
+        n_tokens = sum(len(ids) - 1 for ids, _ in seqs)  # real ones: padding is not useful work
+        flops.append((timer(), flops_per_token(config, n_matmul, idx.size(1)) * n_tokens))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+        if rank == 0 and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
                          "config": vars(args)}, state_path)
     train_s = timer()
     done = flops[min(10, len(flops) // 2):]  # after the first steps (compilation, warm-up)
     rate = sum(f for _, f in done[1:]) / max(1e-9, done[-1][0] - done[0][0]) if len(done) > 1 else 0.0
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:  # rank 0 alone evaluates and writes
+            return
     print(f"trained {args.steps} steps in {train_s:.0f}s | loss {sum(losses[:10]) / min(10, len(losses)):.3f} "
           f"-> {sum(losses[-10:]) / min(10, len(losses)):.3f} | {rate / 1e12:.3f} TFLOP/s"
           + (f" | MFU {rate / peak:.1%} of {torch.cuda.get_device_name(args.device)}" if peak else ""))

@@ -60,6 +60,8 @@ for f in distill.py train_router.py eval.py; do
   esac
 done
 
-echo "== wall time per stage ($preset)"
-for t in "${times[@]}"; do echo "  $t"; done
-echo "  total $(( $(date +%s) - total_start ))s"
+{
+  echo "== wall time per stage ($preset, $(date -u +%Y-%m-%dT%H:%MZ), stages skipped as done are not listed)"
+  for t in "${times[@]}"; do echo "  $t"; done
+  echo "  total $(( $(date +%s) - total_start ))s"
+} | tee "$out/times.txt"

@@ -21,10 +21,12 @@ and --kl > 0 adds a KL penalty (k3 estimator) to the adapter-off model, the base
 import os
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy,
-                    load_base, load_resume_state, make_out_dir, parse_args, save_atomic, training_batch)
+from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
+                    load_resume_state, make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, sample, stream_rng, verify
 
@@ -74,7 +76,9 @@ def policy_loss(model, idx, tgt, adv, pos=None, mask=None, old_logp=None, clip=0
     return (per_tok * counted).sum() / counted.sum().clamp(min=1)
 
 
-def rl_step(model, enc, opt, batch, args, generator):
+def rl_step(model, enc, opt, batch, args, generator, train_model=None):
+    """train_model: the model the loss goes through (under torchrun the DDP wrapper); sampling uses
+    the bare model."""
     model.eval()  # sampling: no dropout
     prompts, comps, rewards = rollouts(model, enc, batch, args.group, args.temperature, generator)
     adv = group_advantages(rewards, args.group, args.std_norm).to(args.device)
@@ -88,7 +92,7 @@ def rl_step(model, enc, opt, batch, args, generator):
     model.train()
     for _ in range(max(1, args.ppo_epochs)):
         with autocast(args):
-            loss = policy_loss(model, idx, tgt, adv, pos, mask, old_logp, args.clip, args.kl)
+            loss = policy_loss(train_model or model, idx, tgt, adv, pos, mask, old_logp, args.clip, args.kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,7 +106,7 @@ def sft_step(model, enc, opt, batch, args):
     seqs = [encode_example(enc, ex["prompt"], ex["completion"]) for ex in batch]
     idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
     with autocast(args):
-        _, loss = model(idx, tgt, pos=pos, mask=mask)
+        _, loss = model(idx, tgt, pos=pos, mask=mask)  # model: under torchrun, the DDP wrapper
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -114,7 +118,9 @@ def main():
         p.add_argument("--domain", required=True, help=f"one of {', '.join(DOMAINS)}")
         p.add_argument("--method", default="rl", choices=["rl", "sft"])
     args = parse_args(__doc__, ["expert"], extra)
+    rank, world, args.device = setup_ddp(args.device)
     check_domain(args.domain)
+    n = per_rank(args.prompts, world, "prompts") if args.method == "rl" else per_rank(args.sft_batch, world, "sft_batch")
     if args.group < 2 and args.method == "rl":
         die("--group must be at least 2: the baseline is the group mean")
     out_path = os.path.join(args.out_dir, "experts", f"{args.domain}{'_sft' if args.method == 'sft' else ''}.pt")
@@ -127,8 +133,10 @@ def main():
           f"(LoRA r={args.rank} on {', '.join(EXPERT_TARGETS)})")
     lr = args.lr if args.method == "rl" else args.sft_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = stream_rng(args.domain, "train", args.seed)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    # under torchrun DDP averages the LoRA gradients over ranks in backward (the frozen base is not synced)
+    train_model = DDP(model) if world > 1 else model
+    rng = stream_rng(args.domain, "train", args.seed + rank)  # each rank its own prompts and rollouts
+    gen = torch.Generator(device=args.device).manual_seed(args.seed + rank)
     timer = Timer()
     state_path = out_path[:-len(".pt")] + ".ckpt.pt"
     state = load_resume_state(state_path, args, keys=("lora", "opt", "rng", "gen", "curve", "evals", "base"))
@@ -139,21 +147,24 @@ def main():
             for p, t in zip(params, state["lora"]):
                 p.copy_(t)
         opt.load_state_dict(state["opt"])
-        rng.setstate(state["rng"])
-        gen.set_state(state["gen"])
+        if rank == 0:  # the checkpoint holds rank 0's streams; other ranks start theirs afresh
+            rng.setstate(state["rng"])
+            gen.set_state(state["gen"])
         curve, evals, start = state["curve"], state["evals"], state["step"]
     else:
-        curve, evals, start = [], [(0, greedy_accuracy(model, enc, args.domain, args.eval_n))], 0
-        print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
+        curve, evals, start = [], [], 0
+        if rank == 0:  # rank 0 alone evaluates
+            evals.append((0, greedy_accuracy(model, enc, args.domain, args.eval_n)))
+            print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True,
-               leave=False, initial=start, total=args.steps)
+               leave=False, initial=start, total=args.steps,
+               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
     for step in bar:
-        n = args.prompts if args.method == "rl" else args.sft_batch
         batch = [sample(args.domain, "train", rng) for _ in range(n)]
         if args.method == "rl":
-            stats = rl_step(model, enc, opt, batch, args, gen)
+            stats = rl_step(model, enc, opt, batch, args, gen, train_model)
         else:
-            stats = sft_step(model, enc, opt, batch, args)
+            stats = sft_step(train_model, enc, opt, batch, args)
         if not torch.isfinite(torch.tensor(stats["loss"])):
             die(f"loss became {stats['loss']} at step {step}; lower --lr (last good checkpoint: {state_path})")
         curve.append(stats)
@@ -162,16 +173,20 @@ def main():
                     f" | len {stats['len']:.0f} | lr {lr:g}")
         else:
             line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {lr:g}"
-        if step % args.eval_every == 0 or step == args.steps:
+        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
             evals.append((step, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"
         tqdm.write(line)
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+        if rank == 0 and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
             save_atomic({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
                          "gen": gen.get_state(), "curve": curve, "evals": evals, "step": step, "config": vars(args),
                          "base": base_ckpt["fingerprint"]},
                         state_path)
     train_s = timer()
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:  # rank 0 alone evaluates and writes
+            return
     acc = {d: (evals[-1][1] if d == args.domain else greedy_accuracy(model, enc, d, args.eval_n)) for d in DOMAINS}
     start_acc = evals[0][1]
     print(f"{args.method} expert {args.domain}: own-domain greedy acc {start_acc:.2f} -> {acc[args.domain]:.2f} "

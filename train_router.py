@@ -25,10 +25,12 @@ import os
 import random
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base, make_out_dir,
-                    parse_args, training_batch)
+from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
+                    load_resume_state, make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
 from lora import apply_adapter, load_adapter, lora_parameters
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS, join_mixed
@@ -91,6 +93,8 @@ def main():
         p.add_argument("--name", default=None, help="output OUT/mor/NAME.pt (default: mor_hard, or derived from the flags)")
         p.add_argument("--domains", default=",".join(DOMAINS), help="experts to compose, comma-separated (default: all)")
     args = parse_args(__doc__, ["router"], extra)
+    rank, world, args.device = setup_ddp(args.device)
+    batch_size = per_rank(args.batch_size, world, "batch_size")
     timer = Timer()
     domains = [d for d in args.domains.split(",") if d]
     for d in domains:
@@ -126,22 +130,41 @@ def main():
     groups = [{"params": [p for p in params if id(p) not in attn], "base_lr": args.lr},
               {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(args.seed)
+    # under torchrun DDP averages the router's (and attention LoRA's) gradients over ranks in backward
+    train_model = DDP(model) if world > 1 else model
+    rng = random.Random(args.seed + rank)  # each rank its own batches
+    state_path = out_path[:-len(".pt")] + ".ckpt.pt"
+    inputs = [base_ckpt["fingerprint"]] + [x["fingerprint"] for x in model.router.expert_info]
+    state = load_resume_state(state_path, args, keys=("params", "opt", "rng", "torch_rng", "losses", "inputs"))
+    if state and state["inputs"] != inputs:
+        die(f"{state_path} was trained on another base or other experts; rerun without --resume")
+    losses, start = [], 0
+    if state:
+        with torch.no_grad():
+            for p, t in zip(params, state["params"]):
+                p.copy_(t)
+        opt.load_state_dict(state["opt"])
+        if rank == 0:  # the checkpoint holds rank 0's streams; other ranks start theirs afresh
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+        losses, start = state["losses"], state["step"]
     t0 = timer()
-    losses = []
     every = max(1, args.steps // 10)
-    bar = tqdm(range(1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False)
+    bar = tqdm(range(start + 1, args.steps + 1), desc=args.name, dynamic_ncols=True, leave=False, initial=start,
+               total=args.steps, disable=rank > 0 or None)  # None: a bar only on a terminal
     model.train()
     for step in bar:
-        batch = router_batch(data, train_domains, args.batch_size, args.mixed_frac, rng)
+        batch = router_batch(data, train_domains, batch_size, args.mixed_frac, rng)
         seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
         idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))  # cosine to a tenth
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * decay
         with autocast(args):
-            _, loss = model(idx, tgt, pos=pos, mask=mask)
+            _, loss = train_model(idx, tgt, pos=pos, mask=mask)
         ce = loss.item()
+        if not math.isfinite(ce):  # stop before the bad step touches the weights; the last checkpoint stays
+            die(f"loss became {ce} at step {step}; lower --lr (last good checkpoint: {state_path})")
         if experts0:  # relearn baseline: experts may move, at a price
             loss = loss + args.l2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(expert_parameters(model), experts0))
         opt.zero_grad(set_to_none=True)
@@ -149,12 +172,19 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(ce)
-        if not math.isfinite(ce):
-            die(f"loss became {ce} at step {step}; lower --lr")
         bar.set_postfix(loss=f"{ce:.3f}")
         if step % every == 0 or step == args.steps:
-            tqdm.write(f"step {step}/{args.steps} | loss {sum(losses[-every:]) / len(losses[-every:]):.4f} | lr {args.lr * decay:.2e}")
+            mean = sum(losses[-every:]) / len(losses[-every:])
+            tqdm.write(f"step {step}/{args.steps} | loss {mean:.4f} | lr {args.lr * decay:.2e}")
+        if rank == 0 and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+            save_atomic({"params": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
+                         "torch_rng": torch.get_rng_state(), "losses": losses, "step": step, "config": vars(args),
+                         "inputs": inputs}, state_path)
     train_s = timer() - t0
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:  # rank 0 alone evaluates and writes
+            return
 
     # quick check: does the composition keep each expert's own-domain accuracy?
     acc, expert_acc = {}, {}
@@ -169,6 +199,8 @@ def main():
     save_mor(out_path, model, base_ckpt, name=args.name, train_config=vars(args),
              metrics={"loss": losses, "accuracy": acc, "expert_accuracy": expert_acc, "trainable_params": n_train,
                       "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
+    if os.path.exists(state_path):
+        os.remove(state_path)  # the finished router supersedes it
     print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s")
 
 

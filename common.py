@@ -261,11 +261,12 @@ def completion_batch(enc, seqs, device):
 
 def training_batch(enc, seqs, device, pack):
     """(idx, targets, pos, mask, seq) for GPT.forward; seq (R, T) says which of seqs each position
-    belongs to (-1 on padding), for per-sequence weights such as RL advantages. With pack, completion_batch's sequences are packed
-    several to a row, so that little compute goes to padding: rows as long as the longest sequence,
-    filled first-fit, longest first. Each sequence keeps its own positions and attends only to itself
-    (a block-diagonal causal mask), so the loss is the padded batch's, on about half as many rows.
-    Without pack: one sequence per row, pos and mask None (SDPA's causal kernel; flash attention on GPU)."""
+    belongs to (-1 on padding), for per-sequence weights such as RL advantages.
+    With pack, completion_batch's sequences are packed several to a row, so that little compute goes
+    to padding: rows as long as the longest sequence, filled first-fit, longest first. Each sequence
+    keeps its own positions and attends only to itself (a block-diagonal causal mask), so the loss is
+    the padded batch's, on about half as many rows. Without pack: one sequence per row, pos and mask
+    None (SDPA's causal kernel; flash attention on GPU)."""
     if not pack:
         idx, tgt = completion_batch(enc, seqs, device)
         seq = torch.arange(len(seqs), device=device)[:, None].expand_as(idx)

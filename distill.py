@@ -36,7 +36,7 @@ def distill_domain(model, enc, domain, args, generator):
     for source, temp, todo in (("greedy", 0.0, exs),
                                ("sample", args.temperature, [ex for ex in exs for _ in range(args.samples)])):
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"distill:{domain}:{source}", leave=False,
-                      dynamic_ncols=True):
+                      dynamic_ncols=True, disable=None):  # a bar on a terminal only
             part = todo[i:i + args.batch_size]
             prompts = [encode_example(enc, ex["prompt"])[0] for ex in part]
             comps = model.generate(prompts, MAX_NEW_TOKENS, eos, pad, temperature=temp, generator=generator)

@@ -545,7 +545,7 @@ def main():
     res["seconds"]["traces"] = t()
 
     page = None
-    bar = tqdm(systems, desc="eval", dynamic_ncols=True, leave=False)
+    bar = tqdm(systems, desc="eval", dynamic_ncols=True, leave=False, disable=None)  # a bar on a terminal only
     for name in bar:
         bar.set_postfix_str(name)
         t = Timer()

@@ -131,7 +131,7 @@ def main():
           f"{' normalized' if args.normalize else ''}{' per-layer' if args.per_layer else ' shared'} | "
           f"trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
-    attn = [id(p) for p in lora_parameters(model)]  # the attention LoRA learns at its own rate, --attn_lr
+    attn = {id(p) for p in lora_parameters(model)}  # the attention LoRA learns at its own rate, --attn_lr
     groups = [{"params": [p for p in params if id(p) not in attn], "base_lr": args.lr},
               {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)

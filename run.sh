@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The whole nanoMoR pipeline, in order:  bash run.sh [smoke|cpu|gpu] [--force]
-# Default preset: gpu when CUDA is available, else cpu. Outputs go to out/PRESET/ (or $OUT_DIR).
-# A stage whose output already exists is skipped, so an interrupted run continues where it stopped;
-# --force redoes everything. The first failing stage stops the run with its name.
+# The whole nanoMoR pipeline:  bash run.sh [smoke|cpu|gpu] [--force]
+# Default preset: gpu when CUDA is available, else cpu. Outputs go to out/PRESET/ (or $OUT_DIR), each
+# stage's log to out/PRESET/logs/STAGE.log. A stage whose output already exists is skipped, so an
+# interrupted run continues where it stopped; --force redoes everything. The first failing stage stops
+# the run with its name.
+#
+# Stages that do not depend on each other run side by side: on CPU two at a time ($JOBS), each with its
+# share of the cores. The models are small, so two one-thread processes get more done than one process
+# with two threads, and the results are the same bit for bit. On a GPU one stage runs at a time.
+# Portable bash (3.2, macOS): no associative arrays, no `wait -n`.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -15,53 +21,120 @@ for a in "$@"; do
     *) echo "error: unknown argument '$a' (usage: bash run.sh [smoke|cpu|gpu] [--force])" >&2; exit 2 ;;
   esac
 done
+py="${PYTHON:-python3}"  # PYTHON=... picks the interpreter (the tests pass their own)
 if [ -z "$preset" ]; then
-  preset=$(python3 -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')") || exit 1
+  preset=$($py -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')") || exit 1
 fi
 out="${OUT_DIR:-out/$preset}"  # OUT_DIR=... puts the run elsewhere (the tests do)
-mkdir -p "$out" || { echo "error: cannot create $out" >&2; exit 2; }
-domains="add bool pick ok hop"
-total_start=$(date +%s)
-declare -a times
+mkdir -p "$out/logs" || { echo "error: cannot create $out/logs" >&2; exit 2; }
+cores=$($py -c "import os; print(os.cpu_count() or 1)")
+if [ "$preset" = gpu ]; then default_jobs=1; else default_jobs=$(( cores < 2 ? 1 : 2 )); fi
+jobs=${JOBS:-$default_jobs}
+case "$jobs" in ''|*[!0-9]*|0) echo "error: JOBS must be a positive integer (got '$jobs')" >&2; exit 2 ;; esac
 
-stage() {  # stage NAME OUTPUT_FILE command...
-  local name=$1 output=$2
-  shift 2
-  if [ $force -eq 0 ] && [ -e "$output" ]; then
-    echo "== $name: $output exists, skipped"
-    return
-  fi
-  echo "== $name"
-  local t0=$(date +%s)
-  if ! "$@"; then
-    echo "error: stage '$name' failed" >&2
-    exit 1
-  fi
-  times+=("$name $(( $(date +%s) - t0 ))s")
+# ---------------------------------------------------------------------------------------------
+# The stages: name, the file that marks it done, the stages it needs, its command.
+names=(); outputs=(); needs=(); cmds=()
+add() {  # add NAME OUTPUT "NEEDED STAGES" command...
+  names+=("$1"); outputs+=("$2"); needs+=("$3"); shift 3
+  cmds+=("$(printf '%q ' "$@")")
 }
+common=(--preset "$preset" --out_dir "$out")
+domains="add bool pick ok hop"  # the slowest RLVF expert first: the critical path is RLVF -> distill -> routers
 
-py="python3"
-stage pretrain "$out/base.pt" $py pretrain.py --preset "$preset" --out_dir "$out"
-for d in $domains; do
-  stage "expert:$d" "$out/experts/$d.pt" $py train_expert.py --preset "$preset" --out_dir "$out" --domain "$d"
-  stage "sft:$d" "$out/experts/${d}_sft.pt" $py train_expert.py --preset "$preset" --out_dir "$out" --domain "$d" --method sft
+add pretrain "$out/base.pt" "" $py pretrain.py "${common[@]}"
+rl=""
+for d in bool pick add ok hop; do
+  add "expert:$d" "$out/experts/$d.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d"
+  rl="$rl expert:$d"
 done
-for f in distill.py train_router.py eval.py; do
-  [ -f "$f" ] || { echo "== $f does not exist yet: the pipeline stops here"; break; }
-  case "$f" in
-    distill.py) stage distill "$out/distill/hop.jsonl" $py distill.py --preset "$preset" --out_dir "$out" ;;
-    train_router.py)
-      stage mor_hard "$out/mor/mor_hard.pt" $py train_router.py --preset "$preset" --out_dir "$out" --name mor_hard
-      stage mor_soft "$out/mor/mor_soft.pt" $py train_router.py --preset "$preset" --out_dir "$out" --name mor_soft \
-        --routing soft --top_k 2
-      stage moe_soft "$out/mor/moe_soft.pt" $py train_router.py --preset "$preset" --out_dir "$out" --name moe_soft \
-        --routing soft --top_k 2 --per_layer --train_experts ;;
-    eval.py) stage eval "$out/eval.json" $py eval.py --preset "$preset" --out_dir "$out" ;;
-  esac
+add distill "$out/distill/hop.jsonl" "$rl" $py distill.py "${common[@]}"
+add mor_hard "$out/mor/mor_hard.pt" "distill" $py train_router.py "${common[@]}" --name mor_hard
+add mor_soft "$out/mor/mor_soft.pt" "distill" $py train_router.py "${common[@]}" --name mor_soft \
+  --routing soft --top_k 2
+add moe_soft "$out/mor/moe_soft.pt" "distill" $py train_router.py "${common[@]}" --name moe_soft \
+  --routing soft --top_k 2 --per_layer --train_experts
+sft=""
+for d in $domains; do  # only eval needs them: they fill the gaps
+  add "sft:$d" "$out/experts/${d}_sft.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d" --method sft
+  sft="$sft sft:$d"
+done
+add eval "$out/eval.json" "$rl $sft mor_hard mor_soft moe_soft" $py eval.py "${common[@]}"
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler: start every stage whose needs are done, in the order above, while fewer than $jobs
+# run; poll once a second for the ones that ended.
+n=${#names[@]}
+state=()  # per stage: pending, running or done
+pids=(); starts=(); took=()
+for ((i = 0; i < n; i++)); do
+  state[i]=pending
+  if [ $force -eq 0 ] && [ -e "${outputs[i]}" ]; then
+    echo "== ${names[i]}: ${outputs[i]} exists, skipped"
+    state[i]=done
+  fi
+done
+log_of() { echo "$out/logs/${names[$1]//:/_}.log"; }
+is_done() {  # is_done STAGE_NAME
+  local j
+  for ((j = 0; j < n; j++)); do [ "${names[j]}" = "$1" ] && [ "${state[j]}" = done ] && return 0; done
+  return 1
+}
+ready() {  # ready I: pending, and everything it needs is done
+  local s
+  [ "${state[$1]}" = pending ] || return 1
+  for s in ${needs[$1]}; do is_done "$s" || return 1; done
+}
+count() {  # count STATE
+  local j c=0
+  for ((j = 0; j < n; j++)); do [ "${state[j]}" = "$1" ] && c=$((c + 1)); done
+  echo $c
+}
+stop_all() {  # a stage failed: stop the others (their checkpoints stay; outputs are written atomically)
+  local j
+  for ((j = 0; j < n; j++)); do [ "${state[j]}" = running ] && kill "${pids[j]}" 2>/dev/null; done
+  wait
+}
+trap 'stop_all; exit 130' INT TERM
+
+total_start=$(date +%s)
+while [ "$(count pending)" -gt 0 ] || [ "$(count running)" -gt 0 ]; do
+  for ((i = 0; i < n; i++)); do
+    running=$(count running)
+    [ "$running" -lt "$jobs" ] || break
+    ready $i || continue
+    # threads: the cores shared among the stages that can run now (an alone stage gets them all)
+    now=$running
+    for ((j = 0; j < n; j++)); do ready $j && now=$((now + 1)); done
+    [ $now -gt "$jobs" ] && now=$jobs
+    threads=${OMP_NUM_THREADS:-$(( cores / now > 0 ? cores / now : 1 ))}
+    [ "$jobs" -eq 1 ] && threads=${OMP_NUM_THREADS:-}  # one at a time: the library's own default
+    echo "== ${names[i]} started${threads:+ ($threads thread(s))}, log: $(log_of $i)"
+    ( [ -n "$threads" ] && export OMP_NUM_THREADS=$threads; eval "exec ${cmds[i]}" ) > "$(log_of $i)" 2>&1 &
+    pids[i]=$!; starts[i]=$(date +%s); state[i]=running
+  done
+  [ "$(count running)" -gt 0 ] || { echo "error: no stage can start (a needed stage is missing)" >&2; exit 1; }
+  sleep 1
+  for ((i = 0; i < n; i++)); do
+    [ "${state[i]}" = running ] && ! kill -0 "${pids[i]}" 2>/dev/null || continue
+    wait "${pids[i]}"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+      state[i]=failed
+      stop_all
+      { echo "error: stage '${names[i]}' failed (exit $rc); the end of its log, $(log_of $i):"
+        tail -n 5 "$(log_of $i)" | sed 's/^/  /'; } >&2
+      exit 1
+    fi
+    state[i]=done
+    took[i]=$(( $(date +%s) - starts[i] ))
+    echo "== ${names[i]} done in ${took[i]}s: $(tail -n 1 "$(log_of $i)")"
+    [ "${names[i]}" = eval ] && cat "$(log_of $i)"  # the results table
+  done
 done
 
 {
-  echo "== wall time per stage ($preset, $(date -u +%Y-%m-%dT%H:%MZ), stages skipped as done are not listed)"
-  for t in "${times[@]}"; do echo "  $t"; done
+  echo "== wall time per stage ($preset, $(date -u +%Y-%m-%dT%H:%MZ), $jobs at a time, stages skipped as done are not listed)"
+  for ((i = 0; i < n; i++)); do [ -n "${took[i]:-}" ] && echo "  ${names[i]} ${took[i]}s"; done
   echo "  total $(( $(date +%s) - total_start ))s"
 } | tee "$out/times.txt"

@@ -7,14 +7,13 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from eval import (behavior_kl, concentration, expert_switches, majority, merged_adapter, mixed_purity, purity,
                   routing_page, sequence_vote)
-from tasks import DOMAINS, examples, mixed_examples, score, verify_mixed
+from tasks import DOMAINS, mixed_examples, score, verify_mixed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,36 +132,13 @@ def test_routing_page_draws_coloured_tokens_in_chromium(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the whole smoke pipeline, every stage through its own command line
 
-def run(args):
-    # NANOMOR_COMPILE=0: compiling the routed kernel for each new tiny shape costs more than it saves here
-    env = dict(os.environ, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0")
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    return r.stdout
-
-
 def smoke_pipeline(out):
-    common = ["--preset", "smoke", "--out_dir", out]
-    run(["pretrain.py", *common, "--eval_n", "2", "--pass_k", "0"])
-    experts = [["train_expert.py", *common, "--domain", d, "--steps", "1", "--eval_n", "2", *m]
-               for d in DOMAINS for m in ([], ["--method", "sft"])]
-    with ThreadPoolExecutor(2) as pool:  # one thread each: two at a time use the two cores
-        list(pool.map(run, experts))
-    run(["distill.py", *common])
-    # a smoke expert is almost never right, so distill keeps next to nothing: gold traces of the router
-    # split stand in, so the routers have something to train on
-    for d in DOMAINS:
-        with open(os.path.join(out, "distill", f"{d}.jsonl"), "a") as f:
-            for ex in examples(d, "router", 4, seed=1):
-                f.write(json.dumps(dict(ex, source="gold")) + "\n")
-    fast = ["--steps", "2", "--eval_n", "2"]
-    routers = [["train_router.py", *common, *fast, "--name", "mor_hard"],  # run.sh's flags
-               ["train_router.py", *common, *fast, "--name", "mor_soft", "--routing", "soft", "--top_k", "2"],
-               ["train_router.py", *common, *fast, "--name", "moe_soft", "--routing", "soft", "--top_k", "2",
-                "--per_layer", "--train_experts"]]
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(run, routers))
-    return run(["eval.py", *common])
+    """`bash run.sh smoke` into `out`, two stages at a time with one thread each; returns its stdout."""
+    # NANOMOR_COMPILE=0: compiling the routed kernel for each new tiny shape costs more than it saves here
+    env = dict(os.environ, OUT_DIR=out, PYTHON=sys.executable, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0", JOBS="2")
+    r = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"run.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
+    return r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +186,45 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     page = open(os.path.join(out, "routing.html")).read()
     assert "<script" in page and '"samples"' in page and "src=" not in page and "href=" not in page  # self-contained
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+STAGES = (["pretrain"] + [f"expert:{d}" for d in ("bool", "pick", "add", "ok", "hop")] +
+          ["distill", "mor_hard", "mor_soft", "moe_soft"] + [f"sft:{d}" for d in DOMAINS] + ["eval"])
+
+
+def test_run_sh_times_every_stage_then_skips_them_all(smoke):
+    out, log = smoke
+    times = open(os.path.join(out, "times.txt")).read().splitlines()
+    assert [line.split()[0] for line in times[1:-1]] == STAGES and times[-1].startswith("  total ")
+    assert len(re.findall(r"^== \S+ started", log, re.M)) == len(STAGES)
+    # distill starts only after every RLVF expert is done, the routers after distill, eval last
+    order = [m.group(1) for m in re.finditer(r"^== (\S+) (?:started|done)", log, re.M)]
+    started, done = (lambda s: order.index(s)), (lambda s: len(order) - 1 - order[::-1].index(s))
+    assert all(done(f"expert:{d}") < started("distill") for d in DOMAINS)
+    assert all(done("distill") < started(r) for r in ("mor_hard", "mor_soft", "moe_soft"))
+    assert all(done(s) < started("eval") for s in STAGES[:-1])
+
+    again = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OUT_DIR=out, PYTHON=sys.executable))
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == len(STAGES)
+    assert "started" not in again.stdout
+
+
+def test_run_sh_stops_at_the_first_failing_stage(tmp_path):
+    (tmp_path / "base.pt").write_text("not a checkpoint")  # pretrain counts as done; every expert fails on it
+    r = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1
+    assert re.match(r"error: stage 'expert:(bool|pick)' failed \(exit 2\)", r.stderr), r.stderr
+    assert "is not a readable base model" in r.stderr  # the stage's own error line, from the end of its log
+    assert "distill started" not in r.stdout and not list(tmp_path.glob("experts/*.pt"))
+    assert (tmp_path / "base.pt").read_text() == "not a checkpoint"  # nothing lost
+
+
+def test_run_sh_refuses_a_bad_argument():
+    r = subprocess.run(["bash", "run.sh", "cpus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: unknown argument 'cpus' (usage: bash run.sh [smoke|cpu|gpu] [--force])"
 
 
 def test_same_preset_and_seed_give_the_same_accuracies(smoke, tmp_path):

@@ -5,6 +5,9 @@ For each domain D, the RLVF expert OUT/experts/D.pt alone (on the frozen base) a
 --n_prompts prompts of D's `router` split (never its training data): one greedy completion and
 --samples completions at --temperature per prompt. A trace is kept only if it ended with EOS and the
 verifier accepts its answer; duplicates of a (prompt, completion) are dropped.
+The cpu and gpu presets keep greedy traces only (--samples 0, more prompts instead): the verifier reads
+only the answer, and a sampled bool or pick answer is often right by chance (yes/no, one of four) after
+wrong reasoning; greedy traces are the expert's own behaviour, which stage 2 is meant to preserve.
 
     python distill.py                        # all domains
     python distill.py --domains add,hop

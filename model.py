@@ -139,10 +139,13 @@ class GPT(nn.Module):
         pos (B, T) per-row positions and mask (B, 1, T, S) boolean attention mask are only
         needed for left-padded batches and cached decoding; plain training leaves them None."""
         B, T = idx.shape
+        # A row's positions never exceed its slot (cached: cache.pos + its column), so this bound needs no
+        # look at pos itself: reading pos.max() would stop a GPU until it caught up, on every call.
+        end = (cache.pos if cache is not None else 0) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        if pos.max() >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from model import GPT, GPTConfig
@@ -85,6 +86,18 @@ def test_too_long_prompt_is_refused():
         assert "block_size" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_forward_refuses_more_tokens_than_the_context():
+    from model import KVCache
+    model = tiny()  # block_size 64
+    model(torch.zeros((1, 64), dtype=torch.long))  # exactly the context: fine
+    with pytest.raises(ValueError, match="65 tokens exceeds block_size 64"):
+        model(torch.zeros((1, 65), dtype=torch.long))
+    cache = KVCache(model.config, 1, 70, "cpu", torch.float32)
+    model(torch.zeros((1, 60), dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="65 tokens exceeds block_size 64"):  # 60 cached + 5 new
+        model(torch.zeros((1, 5), dtype=torch.long), pos=torch.arange(60, 65)[None], cache=cache)
 
 
 def test_packed_batch_gives_the_padded_loss_and_gradients():

@@ -7,7 +7,8 @@
 #
 # Stages that do not depend on each other run side by side: on CPU two at a time ($JOBS), each with its
 # share of the cores. The models are small, so two one-thread processes get more done than one process
-# with two threads, and the results are the same bit for bit. On a GPU one stage runs at a time.
+# with two threads. Experts and traces are the same bit for bit at any thread count; stage 2's routers
+# are not (their sums split over threads differently). On a GPU one stage runs at a time.
 # Portable bash (3.2, macOS): no associative arrays, no `wait -n`.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -40,11 +41,10 @@ add() {  # add NAME OUTPUT "NEEDED STAGES" command...
   cmds+=("$(printf '%q ' "$@")")
 }
 common=(--preset "$preset" --out_dir "$out")
-domains="add bool pick ok hop"  # the slowest RLVF expert first: the critical path is RLVF -> distill -> routers
 
 add pretrain "$out/base.pt" "" $py pretrain.py "${common[@]}"
 rl=""
-for d in bool pick add ok hop; do
+for d in bool pick add ok hop; do  # the slowest first: the critical path is RLVF -> distill -> routers
   add "expert:$d" "$out/experts/$d.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d"
   rl="$rl expert:$d"
 done
@@ -55,7 +55,7 @@ add mor_soft "$out/mor/mor_soft.pt" "distill" $py train_router.py "${common[@]}"
 add moe_soft "$out/mor/moe_soft.pt" "distill" $py train_router.py "${common[@]}" --name moe_soft \
   --routing soft --top_k 2 --per_layer --train_experts
 sft=""
-for d in $domains; do  # only eval needs them: they fill the gaps
+for d in add bool pick ok hop; do  # only eval needs them: they fill the gaps
   add "sft:$d" "$out/experts/${d}_sft.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d" --method sft
   sft="$sft sft:$d"
 done

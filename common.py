@@ -24,7 +24,7 @@ PRESETS = {
         "pretrain": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=8, pass_k=4, seed=0, compile=False, bf16=False, pack=True, ckpt_every=10),
         "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, sft_lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=16, eval_every=2,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=16, eval_every=2,
                        eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
@@ -37,7 +37,7 @@ PRESETS = {
         "pretrain": dict(steps=800, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=False, ckpt_every=100),
         "expert": dict(steps=80, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=64, eval_every=20,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=20,
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=450, batch_size=64, lr=3e-3, attn_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
@@ -47,13 +47,13 @@ PRESETS = {
     },
     "gpu": {  # pack=False: without a mask SDPA can use flash attention
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
-        "pretrain": dict(steps=3000, batch_size=256, lr=1e-3, warmup=200, bug_rate=0.6, mixed_frac=0.15,
+        "pretrain": dict(steps=2000, batch_size=256, lr=1e-3, warmup=200, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=500, pass_k=8, seed=0, compile=True, bf16=True, pack=False, ckpt_every=250),
-        "expert": dict(steps=150, prompts=64, group=16, lr=5e-4, sft_lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, sft_batch=256, eval_every=25,
+        "expert": dict(steps=100, prompts=32, group=16, lr=1e-3, sft_lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=128, sft_batch=256, eval_every=25,
                        eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=4000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
-        "router": dict(steps=1000, batch_size=256, lr=1e-3, attn_lr=1e-3, attn_lora_r=8, attn_alpha=16.0,
+        "router": dict(steps=600, batch_size=256, lr=1e-3, attn_lr=1e-3, attn_lora_r=8, attn_alpha=16.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
         "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
@@ -339,3 +339,10 @@ class Timer:
 
     def __call__(self):
         return time.time() - self.t0
+
+
+def peak_memory(device):
+    """' | peak GPU memory X GiB' on CUDA, for a script's last line; '' elsewhere."""
+    if not str(device).startswith("cuda"):
+        return ""
+    return f" | peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Timer, autocast, die, encode_example, fingerprint, generate_text, load_resume_state,
-                    make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
+                    make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp, training_batch)
 from model import GPT, GPTConfig
 from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
                    sample, sample_mixed, score, stream_rng, tokenizer_info)
@@ -109,24 +109,33 @@ def main():
     peak = peak_flops(args.device)
     n_matmul = n_params - model.wte.weight.numel()
     flops, timer = [], Timer()
-    bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps,
-               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
-    for step in bar:
-        batch = pretrain_batch(rng, batch_size, args.bug_rate, args.mixed_frac)
-        seqs = [encode_example(enc, e["prompt"], e["completion"]) for e in batch]
+    def next_batch():
+        seqs = [encode_example(enc, e["prompt"], e["completion"])
+                for e in pretrain_batch(rng, batch_size, args.bug_rate, args.mixed_frac)]
         longest = max(len(ids) for ids, _ in seqs)
         if longest - 1 > config.block_size:
             die(f"a training sequence of {longest} tokens does not fit the model's context "
                 f"(--block_size {config.block_size})")
-        idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
+        return seqs, training_batch(enc, seqs, args.device, args.pack)
+
+    data_state = rng.getstate()  # where the next step's batch is drawn from: what a checkpoint saves
+    batch = next_batch() if start < args.steps else None
+    bar = tqdm(range(start, args.steps), desc="pretrain", dynamic_ncols=True, initial=start, total=args.steps,
+               disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
+    for step in bar:
+        seqs, (idx, tgt, pos, mask, _) = batch
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast(args):
             _, loss = step_fn(idx, tgt, pos=pos, mask=mask)
-        if not torch.isfinite(loss):  # stop before the bad step touches the weights; the last checkpoint stays
-            die(f"loss became {loss.item()} at step {step}; lower --lr (last good checkpoint: {state_path})")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if step + 1 < args.steps:  # on a GPU the next batch is built while this step's kernels run
+            data_state = rng.getstate()
+            batch = next_batch()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(grad_norm):  # stop before the bad step touches the weights; the last checkpoint stays
+            die(f"training diverged at step {step} (loss {loss.item():.4g}, gradient norm {grad_norm.item()}); "
+                f"lower --lr (last good checkpoint: {state_path})")
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -134,7 +143,7 @@ def main():
         flops.append((timer(), flops_per_token(config, n_matmul, idx.size(1)) * n_tokens))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if rank == 0 and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
-            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": data_state,
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
                          "config": vars(args)}, state_path)
     train_s = timer()
@@ -161,7 +170,7 @@ def main():
                 os.path.join(args.out_dir, "base.pt"))
     if os.path.exists(state_path):
         os.remove(state_path)  # the finished base.pt supersedes it
-    print(f"wrote {os.path.join(args.out_dir, 'base.pt')} | total wall time {timer():.0f}s")
+    print(f"wrote {os.path.join(args.out_dir, 'base.pt')} | total wall time {timer():.0f}s" + peak_memory(args.device))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
-                    load_resume_state, make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
+                    load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
+                    training_batch)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, sample, stream_rng, verify
 
@@ -58,9 +59,10 @@ def group_advantages(rewards, group, std_norm=False):
     return adv.view(-1)
 
 
-def policy_loss(model, idx, tgt, adv, pos=None, mask=None, old_logp=None, clip=0.0, kl=0.0):
-    """Token-level policy gradient over completion tokens, summed and divided by their count. adv is
-    one advantage per row (B,) or per token (B, T) (packed rows hold several rollouts)."""
+def policy_loss(model, idx, tgt, adv, pos=None, mask=None, old_logp=None, clip=0.0, kl=0.0, n_counted=None):
+    """Token-level policy gradient over completion tokens, summed and divided by their count (or by
+    n_counted, the whole batch's count, when idx is one chunk of it). adv is one advantage per row
+    (B,) or per token (B, T) (packed rows hold several rollouts)."""
     adv = adv[:, None] if adv.dim() == 1 else adv
     logp = token_logprobs(model, idx, tgt, pos, mask)
     if clip > 0:
@@ -73,7 +75,7 @@ def policy_loss(model, idx, tgt, adv, pos=None, mask=None, old_logp=None, clip=0
             ref = token_logprobs(model, idx, tgt, pos, mask)
         per_tok = per_tok + kl * (torch.exp(ref - logp) - (ref - logp) - 1)
     counted = (tgt != -1).float()
-    return (per_tok * counted).sum() / counted.sum().clamp(min=1)
+    return (per_tok * counted).sum() / (counted.sum().clamp(min=1) if n_counted is None else n_counted)
 
 
 def rl_step(model, enc, opt, batch, args, generator, train_model=None):
@@ -90,11 +92,19 @@ def rl_step(model, enc, opt, batch, args, generator, train_model=None):
         with torch.no_grad():
             old_logp = token_logprobs(model, idx, tgt, pos, mask)
     model.train()
+    # --micro_batch rows per backward pass: the gradient of the whole batch, summed over chunks, in a
+    # fraction of the activation memory (0: all rows at once)
+    n_counted = (tgt != -1).sum().clamp(min=1)
+    rows = args.micro_batch or len(idx)
     for _ in range(max(1, args.ppo_epochs)):
-        with autocast(args):
-            loss = policy_loss(train_model or model, idx, tgt, adv, pos, mask, old_logp, args.clip, args.kl)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for i in range(0, len(idx), rows):
+            part = [t[i:i + rows] if t is not None else None for t in (idx, tgt, adv, pos, mask, old_logp)]
+            with autocast(args):
+                chunk_loss = policy_loss(train_model or model, *part, clip=args.clip, kl=args.kl, n_counted=n_counted)
+            chunk_loss.backward()
+            loss = loss + chunk_loss.detach()
         opt.step()
     groups = rewards.view(-1, args.group)
     return {"loss": loss.item(), "reward": rewards.mean().item(), "pass": (groups.max(1).values > 0).float().mean().item(),
@@ -196,7 +206,7 @@ def main():
                           "base_accuracy": start_acc, "train_seconds": train_s})
     if os.path.exists(state_path):
         os.remove(state_path)  # the finished expert supersedes it
-    print(f"wrote {out_path} | total wall time {timer():.0f}s")
+    print(f"wrote {out_path} | total wall time {timer():.0f}s" + peak_memory(args.device))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import kernels
 from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
-                    load_resume_state, make_out_dir, parse_args, per_rank, save_atomic, setup_ddp, training_batch)
+                    load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
+                    training_batch)
 from lora import apply_adapter, load_adapter, lora_parameters
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS, join_mixed
@@ -206,7 +207,8 @@ def main():
                       "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
     if os.path.exists(state_path):
         os.remove(state_path)  # the finished router supersedes it
-    print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s")
+    print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s"
+          + peak_memory(args.device))
 
 
 if __name__ == "__main__":

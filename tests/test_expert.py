@@ -3,6 +3,7 @@ import subprocess
 import sys
 from argparse import Namespace
 
+import pytest
 import torch
 
 import train_expert
@@ -25,7 +26,8 @@ def tiny_with_lora():
 
 
 def rl_args(**kw):
-    base = dict(group=4, temperature=1.0, std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, device="cpu", pack=True)
+    base = dict(group=4, temperature=1.0, std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, device="cpu", pack=True,
+                micro_batch=0)
     return Namespace(**{**base, **kw})
 
 
@@ -46,6 +48,28 @@ def test_one_rl_step_moves_B(monkeypatch):
     stats = train_expert.rl_step(model, ENC, opt, batch, rl_args(), torch.Generator().manual_seed(0))
     assert 0 < stats["reward"] < 1
     assert any(m.B.abs().sum() > 0 for m in lora_layers(model).values())
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_micro_batches_give_the_whole_batch_update(monkeypatch, pack):
+    """--micro_batch splits the backward pass into chunks of rows; the step must not change."""
+    monkeypatch.setattr(train_expert, "verify", lambda text, answer: float(len(text) % 2))
+    batch = examples("add", "train", 3)
+    updated = []
+    for micro_batch in (0, 5):
+        model = tiny_with_lora()
+        with torch.no_grad():
+            for m in lora_layers(model).values():
+                m.B.normal_(std=0.1)
+        opt = torch.optim.SGD(lora_parameters(model), lr=1.0)
+        stats = train_expert.rl_step(model, ENC, opt, batch, rl_args(pack=pack, micro_batch=micro_batch, kl=0.1),
+                                     torch.Generator().manual_seed(0))
+        updated.append(([p.detach().clone() for p in lora_parameters(model)], stats))
+    (before, whole), (after, chunked) = updated
+    assert 0 < whole["reward"] < 1 and whole["reward"] == chunked["reward"]  # the same rollouts
+    assert abs(whole["loss"] - chunked["loss"]) < 1e-6
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_equal_rewards_give_zero_gradient():

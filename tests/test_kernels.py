@@ -64,6 +64,7 @@ def test_pick_uses_both_kernels():
     assert kernels.pick(5, 1) is kernels.routed_lora_fused
     assert kernels.pick(32, 1) is kernels.routed_lora_sorted
     assert kernels.pick(32, 4) is kernels.routed_lora_fused
+    assert kernels.pick(32, 1, "cuda") is kernels.routed_lora_fused  # on a GPU fused won up to E = 32
 
 
 @pytest.mark.parametrize("name", ["reference"] + list(FAST))

@@ -109,6 +109,7 @@ def main():
     peak = peak_flops(args.device)
     n_matmul = n_params - model.wte.weight.numel()
     flops, timer = [], Timer()
+
     def next_batch():
         seqs = [encode_example(enc, e["prompt"], e["completion"])
                 for e in pretrain_batch(rng, batch_size, args.bug_rate, args.mixed_frac)]

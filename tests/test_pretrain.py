@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,15 @@ def test_missing_or_corrupt_base_is_refused(tmp_path):
     torch.save({"something": 1}, tmp_path / "base.pt")
     r = run("train_expert.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--domain", "add")
     assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_pretrain_times_batch_making_and_the_step(tmp_path):
+    r = run("bench_pretrain.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--batches", "2")
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(os.path.join(tmp_path, "bench_pretrain.json")))
+    assert res["sample_encode_ms"] > 0 and res["pad_copy_ms"] > 0
+    for name in ("eager", "eager_read_loss"):  # smoke does not compile
+        assert res[name]["ms"] > 0 and res[name]["tflops"] > 0
+    assert "compiled" not in res and res["batches"] == 2
+    r = run("bench_pretrain.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--batches", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --batches must be at least 1"

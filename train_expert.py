@@ -93,7 +93,8 @@ def rl_step(model, enc, opt, batch, args, generator, train_model=None):
             old_logp = token_logprobs(model, idx, tgt, pos, mask)
     model.train()
     # --micro_batch rows per backward pass: the gradient of the whole batch, summed over chunks, in a
-    # fraction of the activation memory (0: all rows at once)
+    # fraction of the activation memory (0: all rows at once). Under torchrun each chunk's backward
+    # averages over ranks: the same gradient, more communication.
     n_counted = (tgt != -1).sum().clamp(min=1)
     rows = args.micro_batch or len(idx)
     for _ in range(max(1, args.ppo_epochs)):

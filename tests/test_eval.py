@@ -133,9 +133,10 @@ def test_routing_page_draws_coloured_tokens_in_chromium(tmp_path):
 # the whole smoke pipeline, every stage through its own command line
 
 def smoke_pipeline(out):
-    """`bash run.sh smoke` into `out`, two stages at a time with one thread each; returns its stdout."""
+    """`bash run.sh smoke` into `out`, three stages at a time (the default on 2 cores) with one thread
+    each; returns its stdout."""
     # NANOMOR_COMPILE=0: compiling the routed kernel for each new tiny shape costs more than it saves here
-    env = dict(os.environ, OUT_DIR=out, PYTHON=sys.executable, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0", JOBS="2")
+    env = dict(os.environ, OUT_DIR=out, PYTHON=sys.executable, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0", JOBS="3")
     r = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"run.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     return r.stdout

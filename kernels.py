@@ -74,9 +74,12 @@ def routed_lora_fused(x, A, B, scale, idx, w):
     if COMPILE:
         try:
             if _compiled is None:
-                # no data-dependent shapes inside, so one graph per shape; a second batch length
-                # recompiles once with N symbolic (torch's automatic dynamic), not once per length
-                _compiled = torch.compile(_concat_ranks)
+                _compiled = torch.compile(_concat_ranks)  # no data-dependent shapes inside
+            # The number of tokens changes with every batch: compile for any number from the start
+            # (left to itself, dynamo compiles for the first number, then again for any). A graph per
+            # expert shape (gate/up, down) and grad mode remains: 4 to 5 in a router run.
+            for t in (x, idx, w):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
             return _compiled(x, A, B, scale, idx, w)
         except Exception as err:
             out = _concat_ranks(x, A, B, scale, idx, w)  # a caller's error (bad shapes) raises here, readably

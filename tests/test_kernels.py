@@ -126,6 +126,25 @@ def test_compiled_fused_equals_reference(monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_compiled_fused_compiles_once_for_any_number_of_tokens(monkeypatch):
+    # the token count changes with every batch; compiling first for one count and then again for any
+    # would spend two of dynamo's eight recompiles per projection shape and grad mode
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounter()  # counts graphs, compiles nothing
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "COMPILE", True)
+    monkeypatch.setattr(kernels, "_compiled", torch.compile(kernels._concat_ranks, backend=counter))
+    for N in (16, 24, 40):
+        x, logits, A, B, scale = problem(N=N)
+        gy = torch.randn(N, 10, generator=torch.Generator().manual_seed(1))
+        want = run(kernels.routed_lora_reference, x, logits, A, B, scale, "hard", gy)
+        got = run(kernels.routed_lora_fused, x, logits, A, B, scale, "hard", gy)
+        for a, b in zip(want, got):
+            assert torch.allclose(a, b, atol=1e-5)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 def test_compile_failure_falls_back_to_eager_once(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("no working C++ compiler")

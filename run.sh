@@ -5,13 +5,14 @@
 # interrupted run continues where it stopped; --force redoes everything. The first failing stage stops
 # the run with its name.
 #
-# Stages that do not depend on each other run side by side, three at a time ($JOBS), each with its share
-# of the cores (at least one thread). The models are small, so two one-thread processes get more done
-# than one process with two threads; and three one-thread processes on two cores get as much done as two
-# (measured), while they keep both cores busy where two would leave one idle: the three routers train
-# at once, and the shorter stages fill the gaps. Experts and traces are the same bit for bit at any
-# thread count; stage 2's routers are not (their sums split over threads differently). On a GPU three at
-# a time too: one stage alone leaves it mostly idle, waiting on Python (decoding steps, building batches).
+# Stages that do not depend on each other run side by side ($JOBS at a time), each with its share of the
+# cores (at least one thread). On CPU one more stage than there are cores: the models are small, so two
+# one-thread processes get more done than one process with two threads, and three one-thread processes
+# on two cores get as much done as two (measured) while keeping both cores busy where two would leave
+# one idle: the three routers train at once, and the shorter stages fill the gaps. Experts and traces
+# are the same bit for bit at any thread count; stage 2's routers are not (their sums split over
+# threads differently). On a GPU three at a time: one stage alone leaves it mostly idle, waiting on
+# Python (decoding steps, building batches), and three fit in an H100's memory.
 # Portable bash (3.2, macOS): no associative arrays, no `wait -n`.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -32,7 +33,8 @@ fi
 out="${OUT_DIR:-out/$preset}"  # OUT_DIR=... puts the run elsewhere (the tests do)
 mkdir -p "$out/logs" || { echo "error: cannot create $out/logs" >&2; exit 2; }
 cores=$($py -c "import os; print(os.cpu_count() or 1)")
-jobs=${JOBS:-$(( cores < 2 ? 1 : 3 ))}
+if [ "$preset" = gpu ]; then default_jobs=3; else default_jobs=$(( cores < 2 ? 1 : cores + 1 )); fi
+jobs=${JOBS:-$default_jobs}
 case "$jobs" in ''|*[!0-9]*|0) echo "error: JOBS must be a positive integer (got '$jobs')" >&2; exit 2 ;; esac
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def routed_lora_fused(x, A, B, scale, idx, w):
                 _compiled = torch.compile(_concat_ranks)  # no data-dependent shapes inside
             # The number of tokens changes with every batch: compile for any number from the start
             # (left to itself, dynamo compiles for the first number, then again for any). A graph per
-            # expert shape (gate/up, down) and grad mode remains: 4 to 5 in a router run.
+            # expert shape (gate/up, down) and grad mode remains: 5 in a smoke router run.
             for t in (x, idx, w):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             return _compiled(x, A, B, scale, idx, w)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
-from tasks import DOMAINS, MAX_NEW_TOKENS, examples, get_tokenizer, score, tokenizer_info
+from tasks import DOMAINS, MAX_NEW_TOKENS, examples, get_tokenizer, score, tasks_fingerprint, tokenizer_info
 
 # Every hyperparameter of every stage, per preset. Each key becomes a --flag of the script that
 # reads its section, so any of them can be overridden from the command line.
@@ -226,6 +226,10 @@ def load_base(out_dir, device):
     enc = get_tokenizer()
     if ckpt["tokenizer"] != tokenizer_info(enc):
         die("base.pt was trained with another tokenizer")
+    tasks = tasks_fingerprint()
+    if ckpt.get("tasks", tasks) != tasks:  # (bases written before this check have none)
+        die("base.pt was trained on other task definitions (tasks.py has changed since); rerun pretrain.py "
+            "and the stages after it")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -7,7 +7,8 @@ follow the bug while sampling still finds correct traces: the signal RLVF needs 
 
     python pretrain.py                    # cpu preset: ~5 minutes on 2 cores
     python pretrain.py --preset smoke     # seconds
-Writes OUT/base.pt: weights, model config, tokenizer, training config, fingerprint, metrics.
+Writes OUT/base.pt: weights, model config, tokenizer, task fingerprint, training config, fingerprint,
+metrics.
 """
 import math
 import os
@@ -22,7 +23,7 @@ from common import (Timer, autocast, die, encode_example, fingerprint, generate_
                     make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp, training_batch)
 from model import GPT, GPTConfig
 from tasks import (DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer, mixed_examples,
-                   sample, sample_mixed, score, stream_rng, tokenizer_info)
+                   sample, sample_mixed, score, stream_rng, tasks_fingerprint, tokenizer_info)
 
 
 def pretrain_batch(rng, n, bug_rate, mixed_frac):
@@ -99,6 +100,9 @@ def main():
     state_path = os.path.join(args.out_dir, "pretrain.ckpt.pt")
     losses, start = [], 0
     state = load_resume_state(state_path, args, keys=("model", "opt", "rng", "torch_rng", "losses"))
+    tasks = tasks_fingerprint()  # the data: a state written before tasks.py changed would train on a mix
+    if state and state.get("tasks", tasks) != tasks:
+        die(f"{state_path} was trained on other task definitions (tasks.py has changed since); rerun without --resume")
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -146,7 +150,7 @@ def main():
         if rank == 0 and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": data_state,
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
-                         "config": vars(args)}, state_path)
+                         "config": vars(args), "tasks": tasks}, state_path)
     train_s = timer()
     done = flops[min(10, len(flops) // 2):]  # after the first steps (compilation, warm-up)
     rate = sum(f for _, f in done[1:]) / max(1e-9, done[-1][0] - done[0][0]) if len(done) > 1 else 0.0
@@ -165,7 +169,7 @@ def main():
     print(f"base mixed | greedy {acc['mixed']:.2f}")
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_atomic({"model": state, "model_config": asdict(config), "tokenizer": tokenizer_info(enc),
-                 "train_config": vars(args), "fingerprint": fingerprint(state),
+                 "tasks": tasks, "train_config": vars(args), "fingerprint": fingerprint(state),
                  "metrics": {"loss": losses, "accuracy": acc, f"pass@{args.pass_k}": pass_at,
                              "train_seconds": train_s}},
                 os.path.join(args.out_dir, "base.pt"))

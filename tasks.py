@@ -20,6 +20,8 @@ traces come from the buggy solver more often than not, which makes the base mode
 unreliable reasoner: greedy decoding follows the bug, sampling sometimes finds the right way. That
 is the gap reinforcement learning from verifiable feedback has to close.
 """
+import hashlib
+import json
 import random
 import zlib
 
@@ -256,6 +258,20 @@ def mixed_examples(split, n, seed=0):
     rng = stream_rng("mixed", split, seed)
     pairs = [(a, b) for a in DOMAINS for b in DOMAINS if a != b]
     return [sample_mixed(*pairs[i % len(pairs)], split, rng) for i in range(n)]
+
+
+def tasks_fingerprint(n=20):
+    """A short hash of what the domains generate: the first n examples of every domain and split, gold
+    and buggy traces, and a mixed one. The base stores it; a base pretrained before tasks.py changed is
+    refused (common.load_base) where it, and every expert on it, would otherwise be scored silently."""
+    h = hashlib.sha256(json.dumps([DOMAINS, SPLITS, MARK, SEP]).encode())
+    for d in DOMAINS:
+        for split in SPLITS:
+            rng = stream_rng(d, split, 0)
+            for _ in range(n):
+                h.update(json.dumps(sample(d, split, rng, bug_rate=0.5), sort_keys=True).encode())
+    h.update(json.dumps(mixed_examples("test", 2), sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def score(example, completion):

@@ -65,6 +65,13 @@ def truncated_expert(tmp, out):
     open(path, "wb").write(data[:len(data) // 2])
 
 
+def base_of_other_tasks(tmp, out):
+    """base.pt as it would be after an edit of tasks.py: pretrained on what the domains generated before."""
+    copy(tmp, out)
+    ckpt = load_checkpoint(os.path.join(out, "base.pt"))
+    save_atomic(dict(ckpt, tasks="0123456789abcdef"), os.path.join(tmp, "base.pt"))
+
+
 def text_base(tmp, out):
     copy(tmp, out)
     open(os.path.join(tmp, "base.pt"), "w").write("this is not a checkpoint\n")
@@ -96,6 +103,8 @@ CASES = [
     ("expert_of_other_shapes", narrow_base, "distill.py --out_dir {tmp} --domains add", "base with other shapes"),
     ("truncated_checkpoint", truncated_expert, "distill.py --out_dir {tmp} --domains add",
      "is not a readable adapter"),
+    ("base_of_other_tasks", base_of_other_tasks, "train_expert.py --out_dir {tmp} --domain add",
+     "trained on other task definitions"),
     ("text_as_checkpoint", text_base, "train_expert.py --out_dir {tmp} --domain add", "is not a readable base model"),
     ("malformed_trace_line", bad_trace_line, "train_router.py --out_dir {tmp} --domains add",
      "add.jsonl:2: malformed JSON line"),

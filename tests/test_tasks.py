@@ -3,7 +3,7 @@ import random
 import pytest
 
 from tasks import (DOMAINS, GENERATORS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, examples, get_tokenizer,
-                   mixed_examples, sample, split_of, verify, verify_mixed)
+                   mixed_examples, sample, split_of, tasks_fingerprint, verify, verify_mixed)
 
 
 def test_tokenizer_round_trip_and_digits():
@@ -85,3 +85,16 @@ def test_unknown_domain_raises_clearly():
     with pytest.raises(ValueError, match="unknown domain"):
         sample("chess", "train", random.Random(0))
     assert set(GENERATORS) == set(DOMAINS)
+
+
+def test_tasks_fingerprint_is_stable_and_sees_a_changed_generator(monkeypatch):
+    fp = tasks_fingerprint()
+    assert tasks_fingerprint() == fp and len(fp) == 16
+
+    gen_hop = GENERATORS["hop"]
+
+    def hop_with_other_facts(rng, bug):  # as an edit of tasks.py that changes what one domain generates
+        q, trace, ans = gen_hop(rng, bug)
+        return q, trace.replace("=", "=>"), ans
+    monkeypatch.setitem(GENERATORS, "hop", hop_with_other_facts)
+    assert tasks_fingerprint() != fp

@@ -4,7 +4,8 @@ Stage 2, step 1: each domain's expert writes reasoning traces for the router to 
 For each domain D, the RLVF expert OUT/experts/D.pt alone (on the frozen base) answers the first
 --n_prompts prompts of D's `router` split (never its training data): one greedy completion and
 --samples completions at --temperature per prompt. A trace is kept only if it ended with EOS and the
-verifier accepts its answer; duplicates of a (prompt, completion) are dropped.
+verifier accepts its answer; duplicates of a (prompt, completion) are dropped, and a prompt drawn
+twice is answered greedily only once.
 The cpu and gpu presets keep greedy traces only (--samples 0, more prompts instead): the verifier reads
 only the answer, and a sampled bool or pick answer is often right by chance (yes/no, one of four) after
 wrong reasoning; greedy traces are the expert's own behaviour, which stage 2 is meant to preserve.
@@ -31,12 +32,14 @@ from tasks import DOMAINS, MAX_NEW_TOKENS, examples, verify
 @torch.no_grad()
 def distill_domain(model, enc, domain, args, generator):
     """Kept rows and counts for one domain. Greedy rows come first, so a sample that repeats the
-    greedy trace is the one dropped as a duplicate."""
+    greedy trace is the one dropped as a duplicate. A prompt drawn twice is answered greedily once:
+    its second greedy trace would be the same (a small domain like hop repeats most of its prompts)."""
     eos, pad = enc.encode_single_token("<|eos|>"), enc.encode_single_token("<|pad|>")
     exs = examples(domain, "router", args.n_prompts, args.seed)
+    distinct = list({ex["prompt"]: ex for ex in exs}.values())  # in order of first appearance
     rows, seen = [], set()
-    counts = {"generated": 0, "no_eos": 0, "wrong": 0, "duplicate": 0}
-    for source, temp, todo in (("greedy", 0.0, exs),
+    counts = {"distinct": len(distinct), "generated": 0, "no_eos": 0, "wrong": 0, "duplicate": len(exs) - len(distinct)}
+    for source, temp, todo in (("greedy", 0.0, distinct),
                                ("sample", args.temperature, [ex for ex in exs for _ in range(args.samples)])):
         for i in tqdm(range(0, len(todo), args.batch_size), desc=f"distill:{domain}:{source}", leave=False,
                       dynamic_ncols=True, disable=None):  # a bar on a terminal only
@@ -95,9 +98,10 @@ def main():
         out = os.path.join(out_dir, f"{d}.jsonl")
         write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out)
         greedy = sum(r["source"] == "greedy" for r in rows)
-        print(f"distill {d:5s} | kept {n['kept']}/{n['generated']} ({n['kept'] / max(1, n['generated']):.0%}) | "
-              f"greedy {greedy}/{args.n_prompts}, samples {n['kept'] - greedy}/{args.n_prompts * args.samples} | "
-              f"dropped: wrong {n['wrong']}, no EOS {n['no_eos']}, duplicate {n['duplicate']} | wrote {out}")
+        print(f"distill {d:5s} | {args.n_prompts} prompts, {n['distinct']} distinct | kept {n['kept']} of "
+              f"{n['generated']} generated ({n['kept'] / max(1, n['generated']):.0%}): greedy {greedy}, sampled "
+              f"{n['kept'] - greedy} | dropped: wrong {n['wrong']}, no EOS {n['no_eos']}, duplicate {n['duplicate']} "
+              f"| wrote {out}")
     print(f"distilled {len(domains)} domain(s) in {timer():.0f}s")
 
 

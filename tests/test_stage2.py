@@ -69,6 +69,29 @@ def test_distill_then_train_router(out, monkeypatch):
     assert logits.shape == (1, 3, 259)
 
 
+def test_distill_answers_a_repeated_prompt_greedily_once(monkeypatch):
+    from types import SimpleNamespace
+    import distill
+    from common import encode_example
+    from tasks import get_tokenizer
+    enc = get_tokenizer()
+    eos = enc.encode_single_token("<|eos|>")
+    a, b = examples("add", "router", 2, seed=0)
+    monkeypatch.setattr(distill, "examples", lambda *_: [a, b, a, a, b])  # as a small domain draws them
+    asked = []
+
+    class GoldExpert:
+        def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, generator=None):
+            asked.extend(prompts)
+            return [enc.encode_ordinary(ex["completion"]) + [eos] for ex in (a, b)]
+
+    args = SimpleNamespace(n_prompts=5, samples=0, temperature=1.0, seed=0, batch_size=256)
+    rows, n = distill.distill_domain(GoldExpert(), enc, "add", args, None)
+    assert asked == [encode_example(enc, ex["prompt"])[0] for ex in (a, b)]  # each distinct prompt once, in order
+    assert [r["prompt"] for r in rows] == [a["prompt"], b["prompt"]]
+    assert n == {"distinct": 2, "generated": 2, "kept": 2, "no_eos": 0, "wrong": 0, "duplicate": 3}
+
+
 def test_malformed_trace_line_is_named(tmp_path, capsys):
     from train_router import read_traces
     (tmp_path / "add.jsonl").write_text('{"domain": "add", "prompt": "p", "completion": "c"}\n{"domain": oops\n')
@@ -95,6 +118,6 @@ def test_distill_keeps_only_finished_verified_unique_traces():
 
     args = SimpleNamespace(n_prompts=2, samples=2, temperature=1.0, seed=0, batch_size=256)
     rows, n = distill_domain(FakeExpert(), enc, "add", args, None)
-    assert n == {"generated": 6, "kept": 2, "no_eos": 1, "wrong": 1, "duplicate": 2}
+    assert n == {"distinct": 2, "generated": 6, "kept": 2, "no_eos": 1, "wrong": 1, "duplicate": 2}
     assert [r["source"] for r in rows] == ["greedy", "greedy"]
     assert [r["completion"] for r in rows] == [ex["completion"] for ex in exs]

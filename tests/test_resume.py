@@ -1,5 +1,6 @@
 """Kill a training run with SIGKILL mid-way, resume it, and check it ends where an uninterrupted run ends."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import torch
 
-from common import load_base, load_checkpoint
+from common import load_base, load_checkpoint, save_atomic
 from lora import load_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,13 @@ def test_pretrain_resumes_after_sigkill(tmp_path):
     flags = ("--steps", "60", "--ckpt_every", "10", "--eval_n", "2")
     subprocess.run(cmd("pretrain.py", a, *flags), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     kill_after_checkpoint(cmd("pretrain.py", b, *flags), b / "pretrain.ckpt.pt")
+    # a state written before tasks.py changed would go on training on other data: refused, and left as it was
+    ckpt, kept = b / "pretrain.ckpt.pt", tmp_path / "kept.pt"
+    shutil.copy(ckpt, kept)
+    save_atomic(dict(load_checkpoint(str(ckpt)), tasks="0123456789abcdef"), str(ckpt))
+    r = subprocess.run(cmd("pretrain.py", b, *flags, "--resume"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "other task definitions" in r.stderr
+    shutil.copy(kept, ckpt)
     out = finish(cmd("pretrain.py", b, *flags))
     assert "resuming from" in out
     assert sorted(os.listdir(b)) == ["base.pt"] and no_temp_files(b)

@@ -29,9 +29,9 @@ PRESETS = {
                        eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
-                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0, attn_only=False, traces=0, route_loss=0.0,
                        mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
-        "eval": dict(n_test=8, n_kl=8, batch_size=64, seed=0),
+        "eval": dict(n_test=8, n_kl=8, n_cls=16, batch_size=64, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
@@ -42,9 +42,9 @@ PRESETS = {
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=450, batch_size=64, lr=3e-3, attn_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
-                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0, attn_only=False, traces=0, route_loss=0.0,
                        mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
-        "eval": dict(n_test=200, n_kl=100, batch_size=256, seed=0),
+        "eval": dict(n_test=200, n_kl=100, n_cls=200, batch_size=256, seed=0),
     },
     "gpu": {  # pack=False: without a mask SDPA can use flash attention
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
@@ -55,9 +55,9 @@ PRESETS = {
                        eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=4000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         "router": dict(steps=600, batch_size=256, lr=1e-3, attn_lr=1e-3, attn_lora_r=8, attn_alpha=16.0,
-                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
+                       routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0, attn_only=False, traces=0, route_loss=0.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
-        "eval": dict(n_test=500, n_kl=200, batch_size=512, seed=0),
+        "eval": dict(n_test=500, n_kl=200, n_cls=500, batch_size=512, seed=0),
     },
 }
 

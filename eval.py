@@ -10,12 +10,18 @@ tasks.mixed_examples("test", n_test), greedy):
     sft:D         base + D's SFT expert (OUT/experts/D_sft.pt)
     merge         one LoRA, the uniform average of the RLVF experts' A's and, separately, of their B's
                   (LoRAHub with equal weights), applied at the experts' scale alpha / r
-    seq_router    one expert per sequence. The trained mor_hard model reads the prompt; every prompt
-                  token votes at every layer for its top-1 expert; the majority expert is then forced
-                  (router.forced_experts) for the whole sequence, prompt and answer. Same parameters
-                  as mor_hard: its router is the prompt classifier.
+    seq_router    one expert per sequence, the paper's sequence-level baseline: a prompt classifier
+                  (logistic regression on the frozen base's mean-pooled final hidden states of the
+                  prompt, trained here on --n_cls prompts per domain of the `router` split and their
+                  domain labels) picks one RLVF expert, which answers the whole sequence alone
     oracle        the domain's own RLVF expert, known in advance (= expert:D on D; mixed: null)
-    mor_hard, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py), rebuilt by router.load_mor
+    arrow         training-free token routing (router.py, routing "arrow"): nothing trained
+    mor_hard, mor_paper, router_only, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py), rebuilt by router.load_mor
+    attn_only     the control: OUT/mor/attn_only.pt, the attention LoRA trained alone (no experts)
+    mor_hard+random, mor_hard+no_experts, mor_hard+oracle   test-time swaps of the trained method:
+                  every token at every layer sent to a random expert; every expert's delta zeroed (the
+                  base and the attention LoRA alone); each domain's own expert forced for the whole
+                  sequence (mixed: null). The attention LoRA is kept in all three.
 A system whose files are missing is skipped with a note; a missing base is an error.
 
 Measures:
@@ -28,6 +34,10 @@ Measures:
                   expert, from the "|" on to the second's
     concentration mean of max_e p_e, and the share of tokens whose max_e p_e > 0.9
     switches      times the per-token majority-over-layers expert changes along one mixed answer
+    confusion     per domain, the share of its completion tokens whose majority-over-layers expert is e
+    decisive      on expert D's own greedy answers to the first n_kl test prompts of D, the positions
+                  where the base alone would write another token than the expert: the share of their
+                  (layer, token) decisions routed to D (decisive-token purity)
     behavior_kl   mean per-token KL(expert_D || system) on expert D's own greedy completions of the
                   first n_kl test prompts of D, teacher-forced, over completion tokens
 A "completion token's routing" is the routing of the forward pass that wrote it: the position just
@@ -48,10 +58,12 @@ import kernels
 from common import (Timer, completion_batch, die, encode_example, load_base, make_out_dir, parse_args,
                     write_text_atomic)
 from lora import apply_adapter, load_adapter, lora_parameters, merge
-from router import count_parameters, forced_experts, load_mor
+from router import compose, count_parameters, expert_index, experts_zeroed, forced_experts, load_mor
 from tasks import DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, SEP, examples, mixed_examples, score
 
-MOR_SYSTEMS = ("mor_hard", "mor_soft", "moe_soft")
+MOR_SYSTEMS = ("mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft")
+ROUTED = MOR_SYSTEMS + ("arrow",)  # the systems whose own router decides, analysed token by token
+SWAPS = ("random", "no_experts", "oracle")  # test-time swaps of mor_hard
 COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#CC79A7", "#0072B2", "#D55E00", "#999999"]  # Okabe-Ito
 
 
@@ -78,16 +90,15 @@ def majority(choice):
     return F.one_hot(choice).sum(0).argmax(-1)
 
 
-def sequence_vote(choice):
-    """choice (L, T) of one prompt -> the expert most often chosen over all its tokens and layers (ties:
-    the lowest id): seq_router's one expert for the whole sequence."""
-    return int(majority(choice.reshape(-1, 1))[0])
-
-
 def expert_switches(choice):
     """How many times the majority-over-layers expert changes along one answer, choice (L, T)."""
     m = majority(choice)
     return int((m[1:] != m[:-1]).sum())
+
+
+def confusion(choice, n_experts):
+    """choice (L, N) of one domain's tokens -> (E,) share of tokens whose majority-over-layers expert is e."""
+    return torch.bincount(majority(choice), minlength=n_experts).div(choice.shape[1]).tolist()
 
 
 def concentration(p):
@@ -181,19 +192,45 @@ def completion_routing(model, seqs, enc, batch_size, device):
     return out
 
 
-def prompt_vote(model, enc, prompts, batch_size, device):
-    """seq_router's choice per prompt: the expert most often top-1 over the prompt's tokens and layers."""
+@torch.no_grad()
+def prompt_features(base, enc, prompts, batch_size, device):
+    """(N, d) the frozen base's final normalized hidden state, averaged over each prompt's tokens."""
     pad = enc.encode_single_token("<|pad|>")
-    votes = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
-        # right padding: under the causal mask a real token never sees the padding after it
-        idx = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
-        for b, row in enumerate(ids):
-            idx[b, :len(row)] = torch.tensor(row)
-        choice, _ = routing_records(model, idx.to(device))
-        votes += [sequence_vote(choice[:, b, :len(row)]) for b, row in enumerate(ids)]
-    return votes
+    seen = []
+    hook = base.norm.register_forward_hook(lambda m, i, out: seen.append(out.float()))
+    feats = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids = [encode_example(enc, p)[0] for p in prompts[i:i + batch_size]]
+            # right padding: under the causal mask a real token never sees the padding after it
+            idx = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
+            real = torch.zeros(idx.shape)
+            for b, row in enumerate(ids):
+                idx[b, :len(row)], real[b, :len(row)] = torch.tensor(row), 1
+            seen.clear()
+            base(idx.to(device))
+            real = real.to(device)[..., None]
+            feats.append(((seen[0] * real).sum(1) / real.sum(1)).cpu())
+    finally:
+        hook.remove()
+    return torch.cat(feats)
+
+
+def fit_classifier(x, y, n_classes, steps=300, lr=0.05, weight_decay=1e-4):
+    """Multinomial logistic regression on standardized features, full batch, seeded (deterministic)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(x.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
+    z = (x - mu) / sd
+    for _ in range(steps):
+        loss = F.cross_entropy(z @ W + b, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W, b = W.detach(), b.detach()
+    return lambda feats: (((feats - mu) / sd) @ W + b).argmax(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,28 +258,43 @@ def merged_adapter(ads):
     return dict(ads[0], tensors=tensors), ""
 
 
+def expert_files(args):
+    """The RLVF experts that exist, in domain order."""
+    paths = [os.path.join(args.out_dir, "experts", f"{d}.pt") for d in DOMAINS]
+    return [p for p in paths if os.path.exists(p)]
+
+
 def build(name, base, base_ckpt, args):
-    """(model, trainable, total), or (None, why) when the system's files are missing."""
+    """(model, trainable, total), or (None, why) when the system's files are missing. A swap
+    (mor_hard+random, ...) is built as the system it swaps: evaluate applies the swap."""
     base_total = n_params(base.parameters())
     expert_path = lambda d, sft=False: os.path.join(args.out_dir, "experts", f"{d}{'_sft' if sft else ''}.pt")
+    name = name.split("+")[0]
     if name == "base":
         return (base, 0, base_total), ""
-    if name.startswith(("expert:", "sft:")):
-        path = expert_path(name.split(":")[1], name.startswith("sft:"))
+    if name.startswith(("expert:", "sft:")) or name == "attn_only":
+        path = (os.path.join(args.out_dir, "mor", "attn_only.pt") if name == "attn_only"
+                else expert_path(name.split(":")[1], name.startswith("sft:")))
         if not os.path.exists(path):
             return None, f"{path} not found"
         model, n = with_adapter(base, load_adapter(path, base_ckpt))
         return (model, n, base_total + n), ""
-    if name == "merge":
-        paths = [expert_path(d) for d in DOMAINS if os.path.exists(expert_path(d))]
+    if name in ("merge", "seq_router", "arrow"):
+        paths = expert_files(args)
         if not paths:
             return None, "no RLVF expert found"
-        ad, why = merged_adapter([load_adapter(p, base_ckpt) for p in paths])
-        if ad is None:
-            return None, why
-        model, n = with_adapter(base, ad)
-        return (model, 0, base_total + n), ""
-    path = os.path.join(args.out_dir, "mor", f"{'mor_hard' if name == 'seq_router' else name}.pt")
+        if name == "merge":
+            ad, why = merged_adapter([load_adapter(p, base_ckpt) for p in paths])
+            if ad is None:
+                return None, why
+            model, n = with_adapter(base, ad)
+            return (model, 0, base_total + n), ""
+        # seq_router: the experts under forced routing, the classifier chooses (its parameters are
+        # counted by evaluate); arrow: the experts under Arrow's prototypes
+        model = compose(copy.deepcopy(base), base_ckpt, paths, routing="arrow" if name == "arrow" else "hard").eval()
+        trainable, total = count_parameters(model)
+        return (model, trainable, total - (model.router.weight.numel() if name == "seq_router" else 0)), ""
+    path = os.path.join(args.out_dir, "mor", f"{name}.pt")
     if not os.path.exists(path):
         return None, f"{path} not found"
     model = load_mor(path, copy.deepcopy(base), base_ckpt).eval()
@@ -252,32 +304,37 @@ def build(name, base, base_ckpt, args):
 # ---------------------------------------------------------------------------------------------
 # one system, all measures
 
-def accuracies(model, enc, tests, mixed, args, seq_router=False):
-    """Greedy answers (ids) and accuracy on each domain and on mixed prompts; with seq_router, the
-    expert each prompt voted for (and was then answered by), else None. All domains go through one
-    generation: fewer, fuller batches."""
+def accuracies(model, enc, tests, mixed, args, pick=None):
+    """Greedy answers (ids) and accuracy on each domain and on mixed prompts. pick(examples) -> one
+    expert id per example, forced for its whole sequence (None: the model routes; a pick that returns
+    None for the mixed prompts leaves them unanswered, accuracy None). Returns answers, accuracy and
+    the picks per domain. All domains go through one generation: fewer, fuller batches."""
     groups = [([e for exs in tests.values() for e in exs], MAX_NEW_TOKENS), (mixed, MAX_NEW_TOKENS_MIXED)]
-    outs, votes = [], []
+    outs, picks = [], []
     for exs, max_new in groups:
-        prompts = [e["prompt"] for e in exs]
-        votes.append(prompt_vote(model, enc, prompts, args.batch_size, args.device) if seq_router else [None] * len(exs))
-        outs.append(greedy(model, enc, prompts, max_new, args.batch_size, votes[-1] if seq_router else None))
-    answers, vote, start = {}, {}, 0
+        picks.append(pick(exs) if pick else None)
+        if pick and picks[-1] is None:
+            outs.append(None)
+            continue
+        outs.append(greedy(model, enc, [e["prompt"] for e in exs], max_new, args.batch_size, picks[-1]))
+    answers, chosen, start = {}, {}, 0
     for d, exs in tests.items():  # the flat list back to domains
-        answers[d], vote[d] = outs[0][start:start + len(exs)], votes[0][start:start + len(exs)]
+        answers[d] = outs[0][start:start + len(exs)]
+        chosen[d] = picks[0][start:start + len(exs)] if picks[0] else None
         start += len(exs)
-    answers["mixed"], vote["mixed"] = outs[1], votes[1]
-    acc = {d: sum(score(e, decode(enc, c)) for e, c in zip(exs, answers[d])) / len(exs)
+    answers["mixed"], chosen["mixed"] = outs[1], picks[1]
+    acc = {d: None if answers[d] is None else sum(score(e, decode(enc, c)) for e, c in zip(exs, answers[d])) / len(exs)
            for d, exs in [*tests.items(), ("mixed", mixed)]}
-    return answers, acc, (vote if seq_router else None)
+    return answers, acc, chosen
 
 
-def routing_analysis(model, enc, tests, mixed, answers, args):
-    """Purity per domain and layer, mixed purity, concentration and switches of one MoR system; and
-    the per-token routing of every answer (for the picture)."""
+def routing_analysis(model, enc, tests, mixed, answers, traces, args):
+    """Purity per domain and layer, the confusion matrix, decisive-token purity, mixed purity,
+    concentration and switches of one routed system; and the per-token routing of every answer (for
+    the picture)."""
     domains = [x["domain"] for x in model.router.expert_info]
     sep = enc.encode_ordinary(SEP.strip())[0]
-    res = {"purity": {}, "purity_per_layer": {}}
+    res = {"purity": {}, "purity_per_layer": {}, "confusion": {}, "decisive": {}, "experts": domains}
     routes, all_p = {}, []
     for d, exs in [*tests.items(), ("mixed", mixed)]:
         seqs = sequences(enc, [e["prompt"] for e in exs], answers[d])
@@ -285,11 +342,17 @@ def routing_analysis(model, enc, tests, mixed, answers, args):
         if d == "mixed":
             continue
         all_p += [p.reshape(-1, p.shape[-1]) for _, p in routes[d]]
+        choice = torch.cat([c for c, _ in routes[d]], 1)
+        res["confusion"][d] = confusion(choice, len(domains))
         if d in domains:
-            res["purity"][d], res["purity_per_layer"][d] = purity(torch.cat([c for c, _ in routes[d]], 1),
-                                                                  domains.index(d))
+            res["purity"][d], res["purity_per_layer"][d] = purity(choice, domains.index(d))
         else:
             res["purity"][d], res["purity_per_layer"][d] = None, None
+    for d, (_, seqs, _, decisive) in traces.items():  # on the expert's own answers, where the base disagrees
+        if d in domains and decisive.any():
+            choice = torch.cat([c for c, _ in completion_routing(model, seqs, enc, args.batch_size, args.device)], 1)
+            res["decisive"][d] = purity(choice[:, decisive], domains.index(d))[0]
+    res["decisive_tokens"] = {d: int(t[3].sum()) for d, t in traces.items()}
     res["max_weight_mean"], res["max_weight_gt_0.9"] = concentration(torch.cat(all_p))
     switches, mixed_pur = [], []
     for ex, ans, (choice, _) in zip(mixed, answers["mixed"], routes["mixed"]):
@@ -329,9 +392,16 @@ def report(res):
     parts = [f"# nanoMoR evaluation ({res['preset']} preset)",
              f"{res['n_test']} test prompts per domain and {res['n_test']} mixed prompts (two questions of two "
              "domains; right only if both answers are right), the same for every system, greedy decoding. "
-             "seq_router: the trained mor_hard router votes over the prompt's tokens and layers, and the "
-             "winning expert is forced for the whole sequence. oracle: the domain's own RLVF expert.",
+             "seq_router: a prompt classifier picks one expert for the whole sequence. oracle: the domain's "
+             "own RLVF expert. mor_hard+X: the trained method with a test-time swap (random: a random expert "
+             "per token and layer; no_experts: every expert's delta zeroed; oracle: the domain's own expert "
+             "forced). attn_only: the attention LoRA trained alone on the same traces.",
              "## Accuracy", accuracy_table(res)]
+    if "seq_router_classifier" in res:
+        c = res["seq_router_classifier"]
+        parts += ["seq_router's classifier, test accuracy (trained on "
+                  f"{c['train_prompts']} router-split prompts): " +
+                  ", ".join(f"{d} {a:.3f}" for d, a in c["test_accuracy"].items())]
     rows = [[s, f"{p['trainable']:,}", f"{p['total']:,}", f"{p['trainable'] / p['total']:.2%}"]
             for s, p in res["params"].items()]
     parts += ["## Parameters",
@@ -346,6 +416,18 @@ def report(res):
                   "expert. max p: mean of the largest routing probability; > 0.9: share of tokens where it "
                   "exceeds 0.9. switches: changes of the per-token majority expert along one mixed answer.",
                   table(["system"] + doms + ["mixed", "max p", "> 0.9", "switches"], rows)]
+        rows = [[s] + [fmt(r["decisive"].get(d)) for d in doms] for s, r in res["routing"].items()]
+        n_dec = next(iter(res["routing"].values()))["decisive_tokens"]
+        parts += ["### Decisive-token purity",
+                  "On expert D's own greedy answers to the first n_kl test prompts of D, the positions where the "
+                  "base alone would write another token than the expert (count per domain: " +
+                  ", ".join(f"{d} {n}" for d, n in n_dec.items()) + "): the share of their (layer, token) "
+                  "decisions routed to D.", table(["system"] + doms, rows)]
+        for s, r in res["routing"].items():
+            rows = [[d] + [fmt(x) for x in r["confusion"][d]] for d in doms if d in r["confusion"]]
+            parts += [f"### Confusion: {s}", "Rows: the domain of the test prompt; columns: the expert that the "
+                      "majority of layers chose, as a share of the domain's completion tokens.",
+                      table(["domain"] + [f"→ {e}" for e in r["experts"]], rows)]
         rows = [[s, d] + [fmt(x) for x in layers] for s, r in res["routing"].items()
                 for d, layers in r["purity_per_layer"].items() if layers is not None]
         if rows:
@@ -374,11 +456,14 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: 
 .prompt { color: #888; }
 .tok { padding: 0.15em 0; }
 .right { color: #080; } .wrong { color: #b00; }
+#confusion { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+#confusion td, #confusion th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
 </style></head><body>
 <h1>nanoMoR: token-level routing of mor_hard</h1>
 <p>Each answer token is coloured by the expert that wrote it (the routing of the forward pass that produced it).
 Grey: the prompt. Hover a token to see every layer's choice and its routing probability.</p>
 <div class="legend" id="legend"></div>
+<table id="confusion"></table>
 <p><label>view: <select id="view"></select></label></p>
 <div id="samples"></div>
 <noscript>This page draws the tokens with JavaScript.</noscript>
@@ -390,6 +475,21 @@ data.experts.forEach(function (e, i) {
   const s = document.createElement("span");
   s.className = "sw"; s.style.background = e.color; s.textContent = "expert " + i + ": " + e.domain;
   legend.appendChild(s);
+});
+// the domain x expert confusion (majority over layers), purity and decisive-token purity
+const table = document.getElementById("confusion");
+const head = table.insertRow();
+["domain"].concat(data.experts.map(function (e) { return "→ " + e.domain; }), ["purity", "decisive"]).forEach(function (h) {
+  const th = document.createElement("th"); th.textContent = h; head.appendChild(th);
+});
+data.routing.forEach(function (r) {
+  const row = table.insertRow();
+  row.insertCell().textContent = r.domain;
+  r.confusion.forEach(function (x, e) {
+    const c = row.insertCell(); c.textContent = x.toFixed(2);
+    c.style.background = data.experts[e].color + Math.round(x * 200).toString(16).padStart(2, "0");
+  });
+  [r.purity, r.decisive].forEach(function (x) { row.insertCell().textContent = x === null ? "—" : x.toFixed(2); });
 });
 view.add(new Option("majority over layers", "majority"));
 for (let l = 0; l < data.n_layer; l++) view.add(new Option("layer " + l, String(l)));
@@ -443,10 +543,13 @@ def page_samples(enc, tests, mixed, answers, routes, per_domain=3, n_mixed=8):
     return samples
 
 
-def routing_page(domains, n_layer, samples):
-    """The self-contained page: the data inline as JSON, drawn by the inline script."""
+def routing_page(domains, n_layer, samples, routing=None):
+    """The self-contained page: the data inline as JSON, drawn by the inline script. routing: the
+    system's routing_analysis, for the confusion table."""
+    rows = [{"domain": d, "confusion": routing["confusion"][d], "purity": routing["purity"].get(d),
+             "decisive": routing["decisive"].get(d)} for d in routing["confusion"]] if routing else []
     data = {"experts": [{"domain": d, "color": COLORS[i % len(COLORS)]} for i, d in enumerate(domains)],
-            "n_layer": n_layer, "samples": samples}
+            "n_layer": n_layer, "samples": samples, "routing": rows}
     # "<" escaped so that no text can close the script element early
     return HTML.replace("__DATA__", json.dumps(data).replace("<", "\\u003c"))
 
@@ -454,12 +557,13 @@ def routing_page(domains, n_layer, samples):
 # ---------------------------------------------------------------------------------------------
 
 SYSTEMS = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
-           ["merge", "seq_router", "oracle", *MOR_SYSTEMS])
+           ["merge", "seq_router", "oracle", "arrow", *MOR_SYSTEMS, "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
 
 
 def reference_traces(base, base_ckpt, enc, args):
-    """{domain: (prompts, teacher-forcing sequences, log-probs)}: each RLVF expert's own greedy answers to
-    the first n_kl test prompts of its domain, and its next-token distributions along them."""
+    """{domain: (prompts, teacher-forcing sequences, log-probs, decisive)}: each RLVF expert's own greedy
+    answers to the first n_kl test prompts of its domain, its next-token distributions along them, and
+    where the base alone would predict another token (the positions where the expert decides)."""
     traces = {}
     for d in DOMAINS:
         path = os.path.join(args.out_dir, "experts", f"{d}.pt")
@@ -468,26 +572,58 @@ def reference_traces(base, base_ckpt, enc, args):
         model, _ = with_adapter(base, load_adapter(path, base_ckpt))
         prompts = [e["prompt"] for e in examples(d, "test", args.n_kl, args.seed)]
         seqs = sequences(enc, prompts, greedy(model, enc, prompts, MAX_NEW_TOKENS, args.batch_size))
-        traces[d] = (prompts, seqs, completion_logprobs(model, seqs, enc, args.batch_size, args.device))
+        logp = completion_logprobs(model, seqs, enc, args.batch_size, args.device)
+        decisive = completion_logprobs(base, seqs, enc, args.batch_size, args.device).argmax(-1) != logp.argmax(-1)
+        traces[d] = (prompts, seqs, logp, decisive)
     return traces
 
 
-def evaluate(name, model, enc, tests, mixed, traces, args, res):
-    """Every measure of one built system, into res. Returns its answers and, for MoR systems, routes."""
-    answers, res["accuracy"][name], votes = accuracies(model, enc, tests, mixed, args, name == "seq_router")
-    kl_forced = None
-    if votes:  # seq_router: which expert the prompts chose; the KL traces are routed by the same vote
+def swapped(model, swap):
+    """The test-time swap of a trained MoR model (random router, experts zeroed), or nothing."""
+    if swap == "random":
+        return forced_experts(model, "random")
+    if swap == "no_experts":
+        return experts_zeroed(model)
+    return contextlib.nullcontext()
+
+
+def evaluate(name, model, enc, tests, mixed, traces, classifier, args, res):
+    """Every measure of one built system, into res. Returns its answers and, for routed systems, routes."""
+    swap = name.split("+")[1] if "+" in name else None
+    pick, kl_forced = None, None
+    if name == "seq_router":  # the classifier picks one expert per prompt
+        pick = lambda exs: classifier([e["prompt"] for e in exs])
+        kl_forced = {d: classifier(traces[d][0]) for d in traces}
+    elif swap == "oracle":  # each domain's own expert; a mixed prompt has no one expert
+        pick = lambda exs: None if "+" in exs[0]["domain"] else [expert_index(model, e["domain"]) for e in exs]
+        kl_forced = {d: [expert_index(model, d)] * len(traces[d][0]) for d in traces}
+    with swapped(model, swap):
+        answers, res["accuracy"][name], chosen = accuracies(model, enc, tests, mixed, args, pick)
+        res["behavior_kl"][name] = {
+            d: behavior_kl(ref, completion_logprobs(model, seqs, enc, args.batch_size, args.device,
+                                                    None if kl_forced is None else kl_forced[d]))
+            for d, (_, seqs, ref, _) in traces.items()}
+    if name == "seq_router":
         experts = [x["domain"] for x in model.router.expert_info]
-        res["seq_router_votes"] = {d: {e: v.count(i) for i, e in enumerate(experts)} for d, v in votes.items()}
-        kl_forced = {d: prompt_vote(model, enc, traces[d][0], args.batch_size, args.device) for d in traces}
-    res["behavior_kl"][name] = {
-        d: behavior_kl(ref, completion_logprobs(model, seqs, enc, args.batch_size, args.device,
-                                                None if kl_forced is None else kl_forced[d]))
-        for d, (_, seqs, ref) in traces.items()}
+        res["seq_router_votes"] = {d: {e: v.count(i) for i, e in enumerate(experts)} for d, v in chosen.items()}
     routes = None
-    if name in MOR_SYSTEMS:
-        res["routing"][name], routes = routing_analysis(model, enc, tests, mixed, answers, args)
+    if name in ROUTED:
+        res["routing"][name], routes = routing_analysis(model, enc, tests, mixed, answers, traces, args)
     return answers, routes
+
+
+def train_classifier(base, enc, n_experts_domains, args):
+    """seq_router's prompt classifier: fit on the router split, scored on the test split. Returns
+    (predict(prompts) -> expert ids, its record for eval.json)."""
+    domains = n_experts_domains
+    train = [(e["prompt"], i) for i, d in enumerate(domains) for e in examples(d, "router", args.n_cls, args.seed)]
+    feats = lambda prompts: prompt_features(base, enc, prompts, args.batch_size, args.device)
+    predict_feats = fit_classifier(feats([p for p, _ in train]), torch.tensor([i for _, i in train]), len(domains))
+    predict = lambda prompts: predict_feats(feats(prompts))
+    test_acc = {d: sum(c == i for c in predict([e["prompt"] for e in examples(d, "test", args.n_test, args.seed)]))
+                / args.n_test for i, d in enumerate(domains)}
+    n = base.config.n_embd * len(domains) + len(domains)
+    return predict, {"train_prompts": len(train), "test_accuracy": test_acc, "params": n}
 
 
 def add_oracle(res, base_total):
@@ -544,6 +680,15 @@ def main():
     traces = reference_traces(base, base_ckpt, enc, args)
     res["seconds"]["traces"] = t()
 
+    classifier = None
+    if "seq_router" in systems and expert_files(args):
+        t = Timer()
+        domains = [d for d in DOMAINS if os.path.exists(os.path.join(args.out_dir, "experts", f"{d}.pt"))]
+        classifier, res["seq_router_classifier"] = train_classifier(base, enc, domains, args)
+        res["seconds"]["classifier"] = t()
+        print("seq_router classifier, test accuracy | " +
+              " ".join(f"{d} {a:.3f}" for d, a in res["seq_router_classifier"]["test_accuracy"].items()))
+
     page = None
     bar = tqdm(systems, desc="eval", dynamic_ncols=True, leave=False, disable=None)  # a bar on a terminal only
     for name in bar:
@@ -559,15 +704,18 @@ def main():
         if built is None:
             continue
         model, trainable, total = built
+        if name == "seq_router":  # what it trains is the classifier
+            n = res["seq_router_classifier"]["params"]
+            trainable, total = n, total + n
         res["params"][name] = {"trainable": trainable, "total": total}
-        answers, routes = evaluate(name, model, enc, tests, mixed, traces, args, res)
+        answers, routes = evaluate(name, model, enc, tests, mixed, traces, classifier, args, res)
         if name == "mor_hard":
             page = routing_page([x["domain"] for x in model.router.expert_info], len(model.blocks),
-                                page_samples(enc, tests, mixed, answers, routes))
+                                page_samples(enc, tests, mixed, answers, routes), res["routing"]["mor_hard"])
         res["seconds"][name] = t()
         acc = res["accuracy"][name]
-        tqdm.write(f"{name:12s} | " + " ".join(f"{d} {acc[d]:.2f}" for d in DOMAINS) +
-                   f" | mixed {acc['mixed']:.2f} | {res['seconds'][name]:.1f}s")
+        tqdm.write(f"{name:12s} | " + " ".join(f"{d} {fmt(acc[d])}" for d in DOMAINS) +
+                   f" | mixed {fmt(acc['mixed'])} | {res['seconds'][name]:.1f}s")
 
     res["switches"] = {s: r["switches_per_mixed_answer"] for s, r in res["routing"].items()}
     res["seconds"]["total"] = timer()

@@ -7,6 +7,8 @@ Block.mlp_norm; the experts' LoRAs sit on gate, up and down, stacked along a lea
     p  = softmax(R x)                     R: Linear(d_model, E, bias=False), one for all layers
     hard (the method):  e* = argmax p,  w = 1 + p[e*] - stopgrad(p[e*])   (value exactly 1)
     soft (baselines):   top-k of p, w = p[top-k]  (normalize: w = p[top-k] / sum p[top-k])
+    arrow (training-free baseline): per layer, R[l, e] = v_e, the top right singular vector of expert
+                        e's [B_g A_g; B_u A_u] there; e* = argmax |<x, v_e>|, w = 1 (nothing trained)
     g = W_g x + sum_j w_j s_e B_g[e] A_g[e] x          e = idx_j, s_e = alpha_e / r_e
     u = W_u x + (same, with u's A/B)
     h = silu(g) * u
@@ -31,16 +33,20 @@ from common import die, fingerprint, load_checkpoint, save_atomic
 from kernels import routed_lora
 from lora import ATTN_TARGETS, EXPERT_TARGETS, attach, load_adapter, lora_layers
 
-ROUTINGS = ("hard", "soft")
+ROUTINGS = ("hard", "soft", "arrow")
 
 
 class Router(nn.Module):
     """The routing decision for every token at every layer: (idx, w), each (N, k).
 
     One weight shared by all layers (the method); per_layer=True gives each layer its own (the relearn
-    baseline). `forced` (one expert id for every token, or a (B,) long tensor of ids, one per sequence;
-    None: the router decides) overrides the choice but keeps the mode's weight rule, for the oracle / seq_router baselines and for tests.
-    With `record` on, the last forward's p, idx and w of each layer are kept in `records[layer]`."""
+    baseline). `forced` (one expert id for every token, or a (B,) long tensor of ids, one per sequence,
+    or "random": a uniformly random expert for every token at every layer; None: the router decides)
+    overrides the choice but keeps the mode's weight rule, for the oracle / seq_router baselines, the
+    random-router control and for tests.
+    With `record` on, the last forward's p, idx and w of each layer are kept in `records[layer]`; with
+    `keep_logits` on, every layer's logits (with their graph) are appended to `kept`, for the routing
+    loss of train_router.py --route_loss."""
 
     def __init__(self, d_model, n_experts, n_layer, routing="hard", top_k=1, normalize=False, per_layer=False):
         super().__init__()
@@ -51,12 +57,21 @@ class Router(nn.Module):
         self.forced = None
         self.record = False
         self.records = {}
+        self.keep_logits = False
+        self.kept = []
+        self.random = torch.Generator().manual_seed(0)  # the random-router control's choices, reproducible
 
     def forward(self, x, layer):
         B, T, C = x.shape
         logits = F.linear(x.reshape(B * T, C), self.weight[layer if self.per_layer else 0]).float()
+        if self.routing == "arrow":
+            logits = logits.abs()  # a singular vector's sign is arbitrary
+        if self.keep_logits:
+            self.kept.append(logits)
         p = F.softmax(logits, -1)
-        if self.forced is not None and self.forced.dim() == 0:
+        if isinstance(self.forced, str):  # "random"
+            idx = torch.randint(p.shape[1], (B * T, 1), generator=self.random).to(x.device)
+        elif self.forced is not None and self.forced.dim() == 0:
             idx = self.forced.to(x.device).expand(B * T, 1)
         elif self.forced is not None:
             if self.forced.numel() != B:
@@ -66,7 +81,9 @@ class Router(nn.Module):
             idx = p.argmax(-1, keepdim=True)
         else:
             idx = p.topk(self.top_k, -1).indices
-        if self.routing == "hard":
+        if self.routing == "arrow":
+            w = torch.ones_like(idx, dtype=p.dtype)
+        elif self.routing == "hard":
             p_e = p.gather(-1, idx)
             w = 1 + (p_e - p_e.detach())  # straight-through: exactly 1 forward (1 + p - p rounds), d/dp backward
         elif self.normalize:
@@ -115,8 +132,8 @@ def compose(model, base_ckpt, expert_files, routing="hard", top_k=1, normalize=F
     E = len(expert_files)
     if E == 0:
         die("no experts to compose")
-    if routing == "hard" and top_k != 1:
-        die(f"hard routing is top-1 (got --top_k {top_k}); --top_k is for soft routing")
+    if routing != "soft" and top_k != 1:
+        die(f"{routing} routing is top-1 (got --top_k {top_k}); --top_k is for soft routing")
     if not 1 <= top_k <= E:
         die(f"--top_k must be between 1 and the number of experts ({E}), got {top_k}")
     adapters = [load_adapter(f, base_ckpt) for f in expert_files]
@@ -129,6 +146,7 @@ def compose(model, base_ckpt, expert_files, routing="hard", top_k=1, normalize=F
     device = model.wte.weight.device
     r = max(ad["rank"] for ad in adapters)
     scale = torch.tensor([ad["alpha"] / ad["rank"] for ad in adapters], device=device)
+    per_layer = per_layer or routing == "arrow"  # Arrow's prototypes are per layer
     router = Router(cfg.n_embd, E, cfg.n_layer, routing, top_k, normalize, per_layer).to(device)
     for i, block in enumerate(model.blocks):
         A, B = {}, {}
@@ -140,6 +158,11 @@ def compose(model, base_ckpt, expert_files, routing="hard", top_k=1, normalize=F
                 A[t][e, :ad["rank"]] = ad["tensors"][f"blocks.{i}.mlp.{t}.A"]
                 B[t][e, :, :ad["rank"]] = ad["tensors"][f"blocks.{i}.mlp.{t}.B"]
         block.mlp = RoutedMLP(block.mlp, router, i, A, B, scale)
+        if routing == "arrow":
+            with torch.no_grad():
+                router.weight[i] = arrow_prototypes(A, B)
+    if routing == "arrow":
+        router.weight.requires_grad_(False)  # training-free
     model.router = router
     if attn_lora_r > 0:
         attach(model, ATTN_TARGETS, attn_lora_r, attn_alpha)  # new A/B are trainable, base q/k/v/o frozen
@@ -151,6 +174,14 @@ def compose(model, base_ckpt, expert_files, routing="hard", top_k=1, normalize=F
     router.expert_info = [{"path": os.path.abspath(f), "domain": ad["meta"].get("domain"),
                            "fingerprint": fingerprint(ad["tensors"])} for f, ad in zip(expert_files, adapters)]
     return model
+
+
+def arrow_prototypes(A, B):
+    """(E, d) Arrow prototypes of one layer (Ostapenko et al. 2024): for each expert, the top right
+    singular vector of the update its gate and up LoRAs apply to the MLP input x, [B_g A_g; B_u A_u].
+    The down LoRA reads the post-activation hidden, not x, so it has no say in x's routing."""
+    delta = torch.cat([B["gate"] @ A["gate"], B["up"] @ A["up"]], dim=1)  # (E, 2 * hidden, d)
+    return torch.linalg.svd(delta.float(), full_matrices=False).Vh[:, 0]
 
 
 def expert_parameters(model):
@@ -168,14 +199,27 @@ def expert_index(model, domain):
 
 @contextlib.contextmanager
 def forced_experts(model, ids):
-    """Route every token to expert ids (an int) or every token of sequence b to expert ids[b] (a list or
-    (B,) tensor) inside the block."""
+    """Route every token to expert ids (an int), every token of sequence b to expert ids[b] (a list or
+    (B,) tensor), or every token at every layer to a random expert ("random") inside the block."""
     old = model.router.forced
-    model.router.forced = torch.as_tensor(ids, dtype=torch.long)
+    model.router.forced = ids if isinstance(ids, str) else torch.as_tensor(ids, dtype=torch.long)
     try:
         yield model
     finally:
         model.router.forced = old
+
+
+@contextlib.contextmanager
+def experts_zeroed(model):
+    """Every expert's delta times 0 inside the block: what the base and the attention LoRA do alone."""
+    scales = [b.mlp.scale.clone() for b in model.blocks]
+    for b in model.blocks:
+        b.mlp.scale.zero_()
+    try:
+        yield model
+    finally:
+        for b, s in zip(model.blocks, scales):
+            b.mlp.scale.copy_(s)
 
 
 def count_parameters(model):

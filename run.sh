@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The whole nanoMoR pipeline:  bash run.sh [smoke|cpu|gpu] [--force]
+# The whole nanoMoR pipeline:  bash run.sh [smoke|cpu|gpu] [--force] [--seed S] [--seeds N]
 # Default preset: gpu when CUDA is available, else cpu. Outputs go to out/PRESET/ (or $OUT_DIR), each
-# stage's log to out/PRESET/logs/STAGE.log. A stage whose output already exists is skipped, so an
+# stage's log to out/PRESET/logs/STAGE.log. --seed S seeds every training stage (pretraining data and
+# init, rollouts, distillation, stage 2; each derives its own streams from it; default 0); eval's test
+# prompts stay the same for every seed. --seeds N runs the whole pipeline for seeds S..S+N-1 into
+# out/PRESET/seed_K/, side by side (the cores shared among them), then summary.py writes
+# out/PRESET/summary.json and summary.md: every figure as per-seed values, mean and std. A stage whose output already exists is skipped, so an
 # interrupted run continues where it stopped; --force redoes everything. The first failing stage stops
 # the run with its name.
 #
@@ -17,22 +21,56 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
+usage="usage: bash run.sh [smoke|cpu|gpu] [--force] [--seed S] [--seeds N]"
 preset=""
 force=0
-for a in "$@"; do
-  case "$a" in
+seed=0
+seeds=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --force) force=1 ;;
-    smoke|cpu|gpu) preset="$a" ;;
-    *) echo "error: unknown argument '$a' (usage: bash run.sh [smoke|cpu|gpu] [--force])" >&2; exit 2 ;;
+    smoke|cpu|gpu) preset="$1" ;;
+    --seed|--seeds)
+      [ $# -ge 2 ] || { echo "error: $1 needs a value ($usage)" >&2; exit 2; }
+      case "$2" in ''|*[!0-9]*) echo "error: $1 must be a non-negative integer (got '$2')" >&2; exit 2 ;; esac
+      if [ "$1" = --seed ]; then seed=$2; else seeds=$2; fi
+      shift ;;
+    *) echo "error: unknown argument '$1' ($usage)" >&2; exit 2 ;;
   esac
+  shift
 done
+[ "$seeds" != 0 ] || { echo "error: --seeds must be at least 1" >&2; exit 2; }
 py="${PYTHON:-python3}"  # PYTHON=... picks the interpreter (the tests pass their own)
 if [ -z "$preset" ]; then
   preset=$($py -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')") || exit 1
 fi
 out="${OUT_DIR:-out/$preset}"  # OUT_DIR=... puts the run elsewhere (the tests do)
 mkdir -p "$out/logs" || { echo "error: cannot create $out/logs" >&2; exit 2; }
-cores=$($py -c "import os; print(os.cpu_count() or 1)")
+cores=${CORES:-$($py -c "import os; print(os.cpu_count() or 1)")}  # CORES: this run's share (--seeds sets it)
+
+if [ -n "$seeds" ]; then  # one pipeline per seed, side by side, each with its share of the cores
+  share=$(( cores / seeds > 0 ? cores / seeds : 1 ))
+  seed_jobs=$(( seeds >= cores ? 1 : share ))  # together about as many stages at a time as one run has
+  [ "$preset" = gpu ] && seed_jobs=$(( 3 / seeds > 0 ? 3 / seeds : 1 ))
+  flags=(); [ $force -eq 1 ] && flags=(--force)
+  pids=(); dirs=()
+  for ((k = seed; k < seed + seeds; k++)); do
+    dir="$out/seed_$k"
+    mkdir -p "$dir" || { echo "error: cannot create $dir" >&2; exit 2; }
+    echo "== seed $k started, $seed_jobs stage(s) at a time, log: $dir/run.log"
+    OUT_DIR="$dir" CORES=$share JOBS=${JOBS:-$seed_jobs} bash "$0" "$preset" --seed "$k" "${flags[@]}" > "$dir/run.log" 2>&1 &
+    pids+=($!); dirs+=("$dir")
+  done
+  trap 'kill "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
+  failed=0
+  for i in "${!pids[@]}"; do
+    if wait "${pids[i]}"; then echo "== ${dirs[i]} done: $(tail -n 1 "${dirs[i]}/run.log")"
+    else echo "error: the pipeline in ${dirs[i]} failed; the end of ${dirs[i]}/run.log:" >&2
+         tail -n 5 "${dirs[i]}/run.log" | sed 's/^/  /' >&2; failed=1; fi
+  done
+  [ $failed -eq 0 ] || exit 1
+  exec $py summary.py --out_dir "$out" --seeds "$(seq -s, "$seed" $((seed + seeds - 1)))"
+fi
 if [ "$preset" = gpu ]; then default_jobs=3; else default_jobs=$(( cores < 2 ? 1 : cores + 1 )); fi
 jobs=${JOBS:-$default_jobs}
 case "$jobs" in ''|*[!0-9]*|0) echo "error: JOBS must be a positive integer (got '$jobs')" >&2; exit 2 ;; esac
@@ -44,7 +82,7 @@ add() {  # add NAME OUTPUT "NEEDED STAGES" command...
   names+=("$1"); outputs+=("$2"); needs+=("$3"); shift 3
   cmds+=("$(printf '%q ' "$@")")
 }
-common=(--preset "$preset" --out_dir "$out")
+common=(--preset "$preset" --out_dir "$out" --seed "$seed")
 
 add pretrain "$out/base.pt" "" $py pretrain.py "${common[@]}"
 rl=""
@@ -54,16 +92,21 @@ for d in bool pick add ok hop; do  # the slowest first: the critical path is RLV
 done
 add distill "$out/distill/hop.jsonl" "$rl" $py distill.py "${common[@]}"
 add mor_hard "$out/mor/mor_hard.pt" "distill" $py train_router.py "${common[@]}" --name mor_hard
+# the controls and the paper's exact recipe: the same traces, steps and rates
+add mor_paper "$out/mor/mor_paper.pt" "distill" $py train_router.py "${common[@]}" --name mor_paper --route_loss 0
+add router_only "$out/mor/router_only.pt" "distill" $py train_router.py "${common[@]}" --name router_only --attn_lora_r 0
+add attn_only "$out/mor/attn_only.pt" "distill" $py train_router.py "${common[@]}" --name attn_only --attn_only
 add mor_soft "$out/mor/mor_soft.pt" "distill" $py train_router.py "${common[@]}" --name mor_soft \
   --routing soft --top_k 2
 add moe_soft "$out/mor/moe_soft.pt" "distill" $py train_router.py "${common[@]}" --name moe_soft \
   --routing soft --top_k 2 --per_layer --train_experts
+routers="mor_hard mor_paper router_only attn_only mor_soft moe_soft"
 sft=""
 for d in add bool pick ok hop; do  # only eval needs them: they fill the gaps
   add "sft:$d" "$out/experts/${d}_sft.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d" --method sft
   sft="$sft sft:$d"
 done
-add eval "$out/eval.json" "$rl $sft mor_hard mor_soft moe_soft" $py eval.py "${common[@]}"
+add eval "$out/eval.json" "$rl $sft $routers" $py eval.py --preset "$preset" --out_dir "$out"  # the same test prompts for every seed
 
 # ---------------------------------------------------------------------------------------------
 # The scheduler: start every stage whose needs are done, in the order above, while fewer than $jobs

@@ -15,6 +15,18 @@ paper's recipe, so that the router and attention LoRA learn answers that switch 
     python train_router.py --routing soft --top_k 2 --per_layer true --train_experts true --name moe_soft
 --train_experts makes the experts' A/B trainable, pulled toward their starting values by
 --l2 * sum ||theta - theta_0||^2 (the "relearn" baseline). --attn_lora_r 0 turns the attention LoRA off.
+
+Two switches that decide what the numbers mean:
+  --traces N     only the first N distinct traces of each domain (0: all). The paper's premise is that
+                 stage-2 data is scarce; with plenty of it an attention LoRA alone relearns every task.
+  --route_loss L adds L * mean over layers of CE(router logits, the domain of the token being written)
+                 on completion positions (the MeteoRA-style routing loss, from the traces' domain labels).
+                 This departs from the paper, whose router learns from the LM loss alone (--route_loss 0):
+                 through the straight-through estimator the router is told only whether the chosen
+                 expert should count more, never which other one would have been better, and the
+                 attention LoRA, with its dense gradient, learns the tasks first.
+  --attn_only    the control: the attention LoRA alone on the same traces, steps and rates, no experts
+                 and no router; written as an adapter file OUT/mor/NAME.pt.
 At the end: greedy accuracy on --eval_n test prompts per domain, next to each expert's own.
 """
 import copy
@@ -26,6 +38,7 @@ import random
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -33,9 +46,9 @@ import kernels
 from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
                     load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
                     training_batch)
-from lora import apply_adapter, load_adapter, lora_parameters
+from lora import ATTN_TARGETS, apply_adapter, attach, load_adapter, lora_parameters, save_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
-from tasks import DOMAINS, join_mixed
+from tasks import DOMAINS, SEP, join_mixed
 
 
 def read_traces(folder, domains):
@@ -60,6 +73,31 @@ def read_traces(folder, domains):
     return data
 
 
+def first_distinct(rows, n):
+    """The first n traces of distinct prompts (all of them when n is 0)."""
+    seen, out = set(), []
+    for r in rows:
+        if r["prompt"] not in seen and (n == 0 or len(out) < n):
+            seen.add(r["prompt"])
+            out.append(r)
+    return out
+
+
+def route_labels(enc, batch, seq, tgt, domains):
+    """(R, C) the expert each completion position should route to: the domain of the token it writes
+    (in a mixed answer, the first question's until the separator, the second's from it on); -1 elsewhere.
+    seq and tgt are training_batch's: the positions of sequence i with a target are its completion."""
+    sep = enc.encode_ordinary(SEP.strip())[0]
+    labels = torch.full_like(tgt, -1)
+    for i, r in enumerate(batch):
+        ids = enc.encode_ordinary(r["completion"]) + [enc.encode_single_token("<|eos|>")]
+        parts = [domains.index(d) for d in r["domain"].split("+")]
+        split = ids.index(sep) if len(parts) == 2 and sep in ids else len(ids)
+        lab = torch.tensor([parts[0]] * split + [parts[-1]] * (len(ids) - split), device=tgt.device)
+        labels[(seq == i) & (tgt != -1)] = lab
+    return labels
+
+
 def router_batch(data, domains, n, mixed_frac, rng):
     """n training examples, each a trace of a uniformly drawn domain; or, for a mixed_frac share of
     batches, two traces of two different domains joined into one mixed example (each half verified and
@@ -71,6 +109,8 @@ def router_batch(data, domains, n, mixed_frac, rng):
 
 
 def default_name(args):
+    if args.attn_only:
+        return "attn_only"
     parts = ["moe" if args.train_experts else "mor", args.routing]
     if args.routing == "soft":
         parts.append(f"top{args.top_k}" + ("_norm" if args.normalize else ""))
@@ -114,23 +154,37 @@ def main():
             die(f"no expert for domain {d}: {f} not found (run train_expert.py --domain {d} first)")
     out_path = os.path.join(args.out_dir, "mor", f"{args.name}.pt")
     make_out_dir(os.path.dirname(out_path))
+    if args.attn_only and args.attn_lora_r == 0:
+        die("--attn_only trains the attention LoRA alone: it needs --attn_lora_r of at least 1")
+    if args.route_loss and (args.attn_only or args.routing != "hard"):
+        die("--route_loss is for the hard router (not with --attn_only or soft routing)")
     data = read_traces(os.path.join(args.out_dir, "distill"), domains)
     for d in domains:
-        print(f"traces {d:5s} | {len(data[d])}" + ("  (none: this domain is not trained on)" if not data[d] else ""))
+        n_all = len(data[d])
+        data[d] = first_distinct(data[d], args.traces)
+        print(f"traces {d:5s} | {len(data[d])} of {n_all}" + ("  (none: this domain is not trained on)" if not data[d] else ""))
     train_domains = [d for d in domains if data[d]]
     if not train_domains:
         die(f"no usable traces for {', '.join(domains)} in {os.path.join(args.out_dir, 'distill')}")
 
     torch.manual_seed(args.seed)
     base, enc, base_ckpt = load_base(args.out_dir, args.device)
-    model = compose(copy.deepcopy(base), base_ckpt, expert_files, routing=args.routing, top_k=args.top_k,
-                    normalize=args.normalize, per_layer=args.per_layer, attn_lora_r=args.attn_lora_r,
-                    attn_alpha=args.attn_alpha, train_experts=args.train_experts)
+    if args.attn_only:  # the control: no experts, no router
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        attach(model, ATTN_TARGETS, args.attn_lora_r, args.attn_alpha)
+    else:
+        model = compose(copy.deepcopy(base), base_ckpt, expert_files, routing=args.routing, top_k=args.top_k,
+                        normalize=args.normalize, per_layer=args.per_layer, attn_lora_r=args.attn_lora_r,
+                        attn_alpha=args.attn_alpha, train_experts=args.train_experts)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = count_parameters(model)
-    print(f"{args.name}: {len(domains)} experts, routing {args.routing} top-{args.top_k}"
-          f"{' normalized' if args.normalize else ''}{' per-layer' if args.per_layer else ' shared'} | "
-          f"trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
+    print(f"{args.name}: " + ("attention LoRA alone, no experts" if args.attn_only else
+          f"{len(domains)} experts, routing {args.routing} top-{args.top_k}"
+          f"{' normalized' if args.normalize else ''}{' per-layer' if args.per_layer else ' shared'}"
+          f"{f', routing loss {args.route_loss}' if args.route_loss else ''}") +
+          f" | trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
     attn = {id(p) for p in lora_parameters(model)}  # the attention LoRA learns at its own rate, --attn_lr
     groups = [{"params": [p for p in params if id(p) not in attn], "base_lr": args.lr},
@@ -140,7 +194,7 @@ def main():
     train_model = DDP(model) if world > 1 else model
     rng = random.Random(args.seed + rank)  # each rank its own batches
     state_path = out_path[:-len(".pt")] + ".ckpt.pt"
-    inputs = [base_ckpt["fingerprint"]] + [x["fingerprint"] for x in model.router.expert_info]
+    inputs = [base_ckpt["fingerprint"]] + ([] if args.attn_only else [x["fingerprint"] for x in model.router.expert_info])
     state = load_resume_state(state_path, args, keys=("params", "opt", "rng", "torch_rng", "losses", "inputs"))
     if state and state["inputs"] != inputs:
         die(f"{state_path} was trained on another base or other experts; rerun without --resume")
@@ -162,13 +216,21 @@ def main():
     for step in bar:
         batch = router_batch(data, train_domains, batch_size, args.mixed_frac, rng)
         seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
-        idx, tgt, pos, mask, _ = training_batch(enc, seqs, args.device, args.pack)
+        idx, tgt, pos, mask, seq = training_batch(enc, seqs, args.device, args.pack)
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))  # cosine to a tenth
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * decay
+        if args.route_loss:
+            model.router.keep_logits, model.router.kept = True, []
         with autocast(args):
             _, loss = train_model(idx, tgt, pos=pos, mask=mask)
         ce = loss.item()
+        if args.route_loss:  # the departure from the paper: tell the router which expert writes each token
+            want = route_labels(enc, batch, seq, tgt, domains).view(-1)
+            at = want >= 0
+            route_ce = sum(F.cross_entropy(z[at], want[at]) for z in model.router.kept) / len(model.router.kept)
+            model.router.keep_logits, model.router.kept = False, []
+            loss = loss + args.route_loss * route_ce
         if not math.isfinite(ce):  # stop before the bad step touches the weights; the last checkpoint stays
             die(f"loss became {ce} at step {step}; lower --lr (last good checkpoint: {state_path})")
         if experts0:  # relearn baseline: experts may move, at a price
@@ -202,9 +264,10 @@ def main():
             ratio = acc[d] / expert_acc[d]
             line += f" | ratio {ratio:.2f}" + ("" if ratio >= 0.95 else "  (below the 0.95 target)")
         print(line)
-    save_mor(out_path, model, base_ckpt, name=args.name, train_config=vars(args),
-             metrics={"loss": losses, "accuracy": acc, "expert_accuracy": expert_acc, "trainable_params": n_train,
-                      "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
+    save = save_adapter if args.attn_only else save_mor
+    save(out_path, model, base_ckpt, name=args.name, train_config=vars(args),
+         metrics={"loss": losses, "accuracy": acc, "expert_accuracy": expert_acc, "trainable_params": n_train,
+                  "total_params": n_total, "traces": {d: len(data[d]) for d in domains}, "train_seconds": train_s})
     if os.path.exists(state_path):
         os.remove(state_path)  # the finished router supersedes it
     print(f"wrote {out_path} | trained {args.steps} steps in {train_s:.0f}s | total wall time {timer():.0f}s"

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from eval import (behavior_kl, concentration, expert_switches, majority, merged_adapter, mixed_purity, purity,
-                  routing_page, sequence_vote)
+from eval import (SWAPS, behavior_kl, concentration, confusion, expert_switches, fit_classifier, majority,
+                  merged_adapter, mixed_purity, purity, routing_page)
 from tasks import DOMAINS, mixed_examples, score, verify_mixed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,11 +65,24 @@ def test_majority_and_switches_by_hand():
     assert expert_switches(torch.tensor([[0, 1, 0, 1]])) == 3  # one layer: every change counts
 
 
-def test_sequence_vote_by_hand():
-    # expert 1 wins 5 of the 8 (layer, token) votes, though expert 0 leads at layer 0
-    assert sequence_vote(torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])) == 1
-    assert sequence_vote(torch.tensor([[2, 2], [1, 1]])) == 1  # a tie goes to the lowest id
-    assert sequence_vote(torch.tensor([[3]])) == 3
+def test_confusion_by_hand():
+    choice = torch.tensor([[0, 0, 1, 2],
+                           [0, 1, 1, 2],
+                           [1, 1, 1, 0]])  # per token, the expert most layers chose: 0, 1, 1, 2
+    assert majority(choice).tolist() == [0, 1, 1, 2]
+    assert confusion(choice, 4) == pytest.approx([0.25, 0.5, 0.25, 0.0])
+
+
+def test_classifier_separates_separable_prompts():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 3
+    y = torch.arange(3).repeat_interleave(20)
+    x = centres[y] + torch.randn(60, 16, generator=g) * 0.5
+    predict = fit_classifier(x, y, 3)
+    assert predict(x) == y.tolist()
+    assert predict(centres) == [0, 1, 2]
+    shuffled = fit_classifier(x, y[torch.randperm(60, generator=g)], 3, steps=50)  # no signal: not perfect
+    assert sum(a == b for a, b in zip(shuffled(x), y.tolist())) < 60
 
 
 def test_concentration_by_hand():
@@ -111,7 +124,9 @@ def test_routing_page_draws_coloured_tokens_in_chromium(tmp_path):
                 "layers": [[0] * 5 + [1] * 7, [0] * 3 + [1] * 9], "majority": [0] * 5 + [1] * 7,
                 "pmax": [[0.9] * 12, [0.6] * 12]}]
     path = tmp_path / "routing.html"
-    path.write_text(routing_page(["add", "hop"], 2, samples))
+    routing = {"confusion": {"add": [0.75, 0.25], "hop": [0.1, 0.9]}, "purity": {"add": 0.7, "hop": 0.8},
+               "decisive": {"add": 0.95}}
+    path.write_text(routing_page(["add", "hop"], 2, samples, routing))
 
     def tokens_after_js(url):
         r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
@@ -125,6 +140,11 @@ def test_routing_page_draws_coloured_tokens_in_chromium(tmp_path):
     assert [c for c, _ in tokens] == [add] * 5 + [hop] * 7
     assert "".join(t for _, t in tokens) == "1#&lt;/script&gt;3"  # text, never markup
     assert "expert 0: add" in dom and "expert 1: hop" in dom and '<option value="1">layer 1</option>' in dom
+    # the confusion table: a row per domain, a column per expert, then purity and decisive purity
+    rows = re.findall(r"<tr>(.*?)</tr>", dom)
+    cells = [re.findall(r"<t[dh][^>]*>([^<]*)</t[dh]>", r) for r in rows]
+    assert cells == [["domain", "→ add", "→ hop", "purity", "decisive"], ["add", "0.75", "0.25", "0.70", "0.95"],
+                     ["hop", "0.10", "0.90", "0.80", "—"]]
     _, tokens = tokens_after_js(path.as_uri() + "#1")  # the layer selector, set through the URL
     assert [c for c, _ in tokens] == [add] * 3 + [hop] * 9
 
@@ -154,13 +174,14 @@ def test_smoke_pipeline_writes_eval_json(smoke):
 
     res = json.load(open(os.path.join(out, "eval.json")))
     systems = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
-               ["merge", "seq_router", "oracle", "mor_hard", "mor_soft", "moe_soft"])
+               ["merge", "seq_router", "oracle", "arrow", "mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft",
+                "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
     assert res["preset"] == "smoke" and res["seed"] == 0 and res["n_test"] == 8 and res["domains"] == DOMAINS
     assert list(res["accuracy"]) == systems and list(res["params"]) == systems and not res["skipped"]
     for s, acc in res["accuracy"].items():
         assert list(acc) == DOMAINS + ["mixed"]
         for d, a in acc.items():
-            if s == "oracle" and d == "mixed":
+            if s in ("oracle", "mor_hard+oracle") and d == "mixed":
                 assert a is None
             else:
                 assert 0.0 <= a <= 1.0 and a * 8 == int(a * 8)  # a share of the 8 prompts
@@ -169,10 +190,16 @@ def test_smoke_pipeline_writes_eval_json(smoke):
         assert isinstance(p["trainable"], int) and isinstance(p["total"], int) and 0 <= p["trainable"] <= p["total"]
     assert res["params"]["base"]["trainable"] == 0
     assert 0 < res["params"]["mor_hard"]["trainable"] < res["params"]["moe_soft"]["trainable"]
-    assert res["params"]["seq_router"] == res["params"]["mor_hard"]
-    assert all(sum(v.values()) == 8 for v in res["seq_router_votes"].values())  # one vote per prompt
-    assert list(res["routing"]) == ["mor_hard", "mor_soft", "moe_soft"]
+    assert res["params"]["seq_router"]["trainable"] == res["seq_router_classifier"]["params"] == 5 * 32 + 5
+    assert res["params"]["arrow"]["trainable"] == 0 and res["params"]["router_only"]["trainable"] == 5 * 32
+    assert res["params"]["attn_only"]["trainable"] == res["params"]["mor_hard"]["trainable"] - 5 * 32
+    assert all(res["params"][f"mor_hard+{s}"] == res["params"]["mor_hard"] for s in SWAPS)
+    assert all(sum(v.values()) == 8 for d, v in res["seq_router_votes"].items())  # one pick per prompt
+    assert all(0.0 <= a <= 1.0 for a in res["seq_router_classifier"]["test_accuracy"].values())
+    assert list(res["routing"]) == ["arrow", "mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft"]
     for r in res["routing"].values():
+        assert list(r["confusion"]) == DOMAINS and all(sum(row) == pytest.approx(1.0) for row in r["confusion"].values())
+        assert all(0.0 <= x <= 1.0 for x in r["decisive"].values())
         assert list(r["purity"]) == DOMAINS and all(0.0 <= x <= 1.0 for x in r["purity"].values())
         assert all(len(layers) == 2 for layers in r["purity_per_layer"].values())  # smoke: 2 layers
         assert 0.0 < r["max_weight_mean"] <= 1.0 and 0.0 <= r["max_weight_gt_0.9"] <= 1.0
@@ -190,7 +217,8 @@ def test_smoke_pipeline_writes_eval_json(smoke):
 
 
 STAGES = (["pretrain"] + [f"expert:{d}" for d in ("bool", "pick", "add", "ok", "hop")] +
-          ["distill", "mor_hard", "mor_soft", "moe_soft"] + [f"sft:{d}" for d in DOMAINS] + ["eval"])
+          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "mor_soft", "moe_soft"] +
+          [f"sft:{d}" for d in DOMAINS] + ["eval"])
 
 
 def test_run_sh_times_every_stage_then_skips_them_all(smoke):
@@ -202,7 +230,7 @@ def test_run_sh_times_every_stage_then_skips_them_all(smoke):
     order = [m.group(1) for m in re.finditer(r"^== (\S+) (?:started|done)", log, re.M)]
     started, done = (lambda s: order.index(s)), (lambda s: len(order) - 1 - order[::-1].index(s))
     assert all(done(f"expert:{d}") < started("distill") for d in DOMAINS)
-    assert all(done("distill") < started(r) for r in ("mor_hard", "mor_soft", "moe_soft"))
+    assert all(done("distill") < started(r) for r in STAGES[7:-6])
     assert all(done(s) < started("eval") for s in STAGES[:-1])
 
     again = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -225,16 +253,36 @@ def test_run_sh_stops_at_the_first_failing_stage(tmp_path):
 def test_run_sh_refuses_a_bad_argument():
     r = subprocess.run(["bash", "run.sh", "cpus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == \
-        "error: unknown argument 'cpus' (usage: bash run.sh [smoke|cpu|gpu] [--force])"
+        "error: unknown argument 'cpus' (usage: bash run.sh [smoke|cpu|gpu] [--force] [--seed S] [--seeds N])"
+    for bad, why in ((["--seeds", "0"], "--seeds must be at least 1"), (["--seed", "x"], "--seed must be a non-negative"),
+                     (["--seeds"], "--seeds needs a value")):
+        r = subprocess.run(["bash", "run.sh", "smoke", *bad], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {why}"), r.stderr
 
 
-def test_same_preset_and_seed_give_the_same_accuracies(smoke, tmp_path):
-    smoke_pipeline(str(tmp_path))  # every stage again, from scratch, into another folder
-    first, again = (json.load(open(os.path.join(out, "eval.json"))) for out in (smoke[0], str(tmp_path)))
+def test_seeds_run_side_by_side_and_seed_0_is_the_plain_run(smoke, tmp_path):
+    """run.sh --seeds 2: seeds 0 and 1, each pipeline from scratch, then summary.py. Seed 0 gives the
+    plain run's results to the last bit (same preset, seed and threads); seed 1 another pipeline."""
+    env = dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, NANOMOR_COMPILE="0", CORES="2")
+    r = subprocess.run(["bash", "run.sh", "smoke", "--seeds", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"run.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
+    first, again, other = (json.load(open(os.path.join(out, "eval.json")))
+                           for out in (smoke[0], str(tmp_path / "seed_0"), str(tmp_path / "seed_1")))
     assert again["accuracy"] == first["accuracy"]
     # smoke accuracies are mostly 0, so the finer measures are the sharper check: the same routing and
     # the same behaviour KL, to the last bit
     assert again["routing"] == first["routing"] and again["behavior_kl"] == first["behavior_kl"]
+    assert other["behavior_kl"] != first["behavior_kl"]  # another seed: another base, experts and routers
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["seeds"] == [0, 1] and "## Accuracy" in (tmp_path / "summary.md").read_text()
+    for s, per_domain in summary["accuracy"].items():
+        for d, st in per_domain.items():
+            want = [first["accuracy"][s].get(d), other["accuracy"][s].get(d)]
+            if d != "mean":
+                assert st["values"] == want
+            assert st["mean"] == pytest.approx(sum(st["values"]) / 2)
+            assert st["std"] == pytest.approx(abs(st["values"][0] - st["values"][1]) / math.sqrt(2))
 
 
 def test_missing_base_is_one_clear_line(tmp_path):

@@ -174,3 +174,68 @@ def test_refusals_are_clear(setup, capsys):
     with pytest.raises(SystemExit):
         compose(copy.deepcopy(base), ckpt, files, routing="soft", top_k=E + 1)
     assert "--top_k" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrow, the random-router and zeroed-expert controls, the routing loss's labels
+
+def test_arrow_sends_a_token_to_the_expert_whose_update_reads_its_direction(tmp_path):
+    """Rank-1 experts whose gate and up LoRAs read orthogonal input directions: a token along expert
+    e's direction (either sign) goes to e at every layer, at unit weight, and nothing is trainable."""
+    base, ckpt = tiny_base()
+    dirs = torch.eye(32)[:E]
+    files = []
+    for e in range(E):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, layer in attach(m, EXPERT_TARGETS, 1, 1.0).items():
+                if name.endswith("down"):
+                    continue
+                layer.A.copy_(dirs[e][None])
+                layer.B.normal_(0, 1.0)
+        save_adapter(str(tmp_path / f"a{e}.pt"), m, ckpt, domain=f"d{e}")
+        files.append(str(tmp_path / f"a{e}.pt"))
+    model = compose(copy.deepcopy(base), ckpt, files, routing="arrow")
+    assert not [p for p in model.parameters() if p.requires_grad]
+    proto = model.router.weight  # (L, E, d): unit vectors along each expert's direction, up to sign
+    assert torch.allclose(proto.abs(), dirs.expand(2, E, 32), atol=1e-5)
+    x = torch.stack([dirs[1], -dirs[2], dirs[0] + 0.1 * dirs[1]])[None]  # (1, 3, d)
+    for layer in range(2):
+        idx, w = model.router(x, layer)
+        assert idx[:, 0].tolist() == [1, 2, 0] and torch.equal(w, torch.ones_like(w))
+
+
+def test_random_router_ignores_the_router_and_zeroed_experts_are_the_base(setup):
+    base, ckpt, files = setup
+    model = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=0)
+    x = torch.randn(4, 50, 32)
+    with forced_experts(model, "random"):
+        idx, w = model.router(x, 0)
+        again, _ = model.router(x, 0)
+    assert sorted(idx.unique().tolist()) == list(range(E)) and not torch.equal(idx, again)  # fresh draws
+    assert torch.equal(w, torch.ones_like(w))
+    from router import experts_zeroed
+    with torch.no_grad(), experts_zeroed(model):
+        assert torch.equal(model(tokens())[0], base(tokens())[0])
+    assert not torch.equal(model(tokens())[0], base(tokens())[0])  # the scales are back
+
+
+def test_route_labels_follow_the_token_being_written():
+    from common import encode_example, training_batch
+    from tasks import DOMAINS, examples, get_tokenizer, join_mixed
+    from train_router import route_labels
+    enc = get_tokenizer()
+    a, b = examples("add", "router", 1)[0], examples("hop", "router", 1)[0]
+    batch = [b, join_mixed(a, b)]
+    for pack in (False, True):
+        seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
+        idx, tgt, pos, mask, seq = training_batch(enc, seqs, "cpu", pack)
+        labels = route_labels(enc, batch, seq, tgt, DOMAINS)
+        assert torch.equal(labels >= 0, tgt != -1)  # exactly the completion positions
+        single = labels[seq == 0][tgt[seq == 0] != -1]
+        assert set(single.tolist()) == {DOMAINS.index("hop")}
+        mixed = labels[seq == 1][tgt[seq == 1] != -1].tolist()
+        # the first answer and the space before "|" (as eval's mixed purity splits), then the second's
+        n_first = len(enc.encode_ordinary(a["completion"] + " "))
+        want = [DOMAINS.index("add")] * n_first + [DOMAINS.index("hop")] * (len(mixed) - n_first)
+        assert mixed == want

@@ -69,7 +69,7 @@ if [ -n "$seeds" ]; then  # one pipeline per seed, side by side, each with its s
          tail -n 5 "${dirs[i]}/run.log" | sed 's/^/  /' >&2; failed=1; fi
   done
   [ $failed -eq 0 ] || exit 1
-  exec $py summary.py --out_dir "$out" --seeds "$(seq -s, "$seed" $((seed + seeds - 1)))"
+  exec $py summary.py --preset "$preset" --out_dir "$out" --seeds "$(seq -s, "$seed" $((seed + seeds - 1)))"
 fi
 if [ "$preset" = gpu ]; then default_jobs=3; else default_jobs=$(( cores < 2 ? 1 : cores + 1 )); fi
 jobs=${JOBS:-$default_jobs}

@@ -2,7 +2,7 @@
 The results over seeds: every figure of each seed's eval.json as per-seed values, mean and std.
 
     bash run.sh cpu --seeds 3          # runs seeds 0..2 into out/cpu/seed_K/, then this script
-    python summary.py --out_dir out/cpu --seeds 0,1,2
+    python summary.py --preset cpu --seeds 0,1,2     # reads out/cpu/seed_K/eval.json
 
 Writes OUT/summary.json,
     {"seeds": [...], "accuracy": {system: {domain: {"values": [...], "mean": m, "std": s}}},
@@ -11,12 +11,11 @@ Writes OUT/summary.json,
 tables of mean ± std plus the selection targets checked on the means. std is the sample standard
 deviation over seeds (0 for one seed). A system or domain missing from some seed is left out.
 """
-import argparse
 import json
 import math
 import os
 
-from common import die, write_text_atomic
+from common import die, parse_args, write_text_atomic
 
 METHOD = "mor_hard"
 
@@ -106,10 +105,9 @@ def markdown(res):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", required=True, help="holds seed_K/eval.json for every seed K")
-    p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
-    args = p.parse_args()
+    def extra(p):
+        p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: OUT/seed_K/eval.json for each K")
+    args = parse_args(__doc__, [], extra)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:

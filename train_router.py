@@ -20,7 +20,7 @@ Two switches that decide what the numbers mean:
   --traces N     only the first N distinct traces of each domain (0: all). The paper's premise is that
                  stage-2 data is scarce; with plenty of it an attention LoRA alone relearns every task.
   --route_loss L adds L * mean over layers of CE(router logits, the domain of the token being written)
-                 on completion positions (the MeteoRA-style routing loss, from the traces' domain labels).
+                 at every position (the MeteoRA-style routing loss, from the traces' domain labels).
                  This departs from the paper, whose router learns from the LM loss alone (--route_loss 0):
                  through the straight-through estimator the router is told only whether the chosen
                  expert should count more, never which other one would have been better, and the
@@ -84,17 +84,25 @@ def first_distinct(rows, n):
 
 
 def route_labels(enc, batch, seq, tgt, domains):
-    """(R, C) the expert each completion position should route to: the domain of the token it writes
-    (in a mixed answer, the first question's until the separator, the second's from it on); -1 elsewhere.
-    seq and tgt are training_batch's: the positions of sequence i with a target are its completion."""
+    """(R, C) the expert each position should route to: the domain of the question whose prompt or
+    answer holds the token it writes (a mixed example: the first question's until the separator of the
+    prompt, the second's after it; the first answer's until the separator of the answer, the second's
+    from it on), as each expert ran on every position of its own domain when it was trained; -1 on
+    padding. seq and tgt are training_batch's: sequence i's positions are those where seq == i, in order."""
     sep = enc.encode_ordinary(SEP.strip())[0]
     labels = torch.full_like(tgt, -1)
     for i, r in enumerate(batch):
-        ids = enc.encode_ordinary(r["completion"]) + [enc.encode_single_token("<|eos|>")]
         parts = [domains.index(d) for d in r["domain"].split("+")]
-        split = ids.index(sep) if len(parts) == 2 and sep in ids else len(ids)
-        lab = torch.tensor([parts[0]] * split + [parts[-1]] * (len(ids) - split), device=tgt.device)
-        labels[(seq == i) & (tgt != -1)] = lab
+        lab = []
+        for text, in_prompt in ((r["prompt"], True), (r["completion"], False)):
+            ids = enc.encode_ordinary(text)
+            # the first part ends before the answer's "|" (as eval's mixed purity splits), after the prompt's
+            split = ids.index(sep) + in_prompt if len(parts) == 2 and sep in ids else len(ids)
+            lab += [parts[0]] * split + [parts[-1]] * (len(ids) - split)
+        lab.append(parts[-1])  # EOS; positions write tokens 1.. (BOS is never written)
+        where = (seq == i).nonzero(as_tuple=True)
+        n = len(lab)  # = the sequence's positions; unpacked rows also mark their padding with seq == i
+        labels[where[0][:n], where[1][:n]] = torch.tensor(lab, device=tgt.device)
     return labels
 
 

@@ -226,16 +226,21 @@ def test_route_labels_follow_the_token_being_written():
     from train_router import route_labels
     enc = get_tokenizer()
     a, b = examples("add", "router", 1)[0], examples("hop", "router", 1)[0]
-    batch = [b, join_mixed(a, b)]
+    batch = [b, join_mixed(a, b), a]
+    add, hop = DOMAINS.index("add"), DOMAINS.index("hop")
     for pack in (False, True):
         seqs = [encode_example(enc, r["prompt"], r["completion"]) for r in batch]
         idx, tgt, pos, mask, seq = training_batch(enc, seqs, "cpu", pack)
         labels = route_labels(enc, batch, seq, tgt, DOMAINS)
-        assert torch.equal(labels >= 0, tgt != -1)  # exactly the completion positions
-        single = labels[seq == 0][tgt[seq == 0] != -1]
-        assert set(single.tolist()) == {DOMAINS.index("hop")}
-        mixed = labels[seq == 1][tgt[seq == 1] != -1].tolist()
-        # the first answer and the space before "|" (as eval's mixed purity splits), then the second's
-        n_first = len(enc.encode_ordinary(a["completion"] + " "))
-        want = [DOMAINS.index("add")] * n_first + [DOMAINS.index("hop")] * (len(mixed) - n_first)
-        assert mixed == want
+        for i, (ids, _) in enumerate(seqs):  # every position of a sequence (BOS is never written), nothing else
+            assert (labels[seq == i] >= 0).sum() == len(ids) - 1
+        assert (labels >= 0).sum() == sum(len(ids) - 1 for ids, _ in seqs)  # padding stays -1
+        assert set(labels[seq == 0].tolist()) - {-1} == {hop} and set(labels[seq == 2].tolist()) - {-1} == {add}
+        mixed = [x for x in labels[seq == 1].tolist() if x >= 0]
+        # the prompt: "add ... |" then " hop ..."; the answer: the add answer and the space before "|",
+        # then "| hop answer" and EOS
+        n_prompt_a = len(enc.encode_ordinary(a["prompt"].strip() + " |"))
+        n_prompt_b = len(enc.encode_ordinary(" " + b["prompt"]))
+        n_answer_a = len(enc.encode_ordinary(a["completion"] + " "))
+        n_answer_b = len(enc.encode_ordinary("| " + b["completion"])) + 1
+        assert mixed == [add] * n_prompt_a + [hop] * n_prompt_b + [add] * n_answer_a + [hop] * n_answer_b

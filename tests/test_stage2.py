@@ -121,3 +121,21 @@ def test_distill_keeps_only_finished_verified_unique_traces():
     assert n == {"distinct": 2, "generated": 6, "kept": 2, "no_eos": 1, "wrong": 1, "duplicate": 2}
     assert [r["source"] for r in rows] == ["greedy", "greedy"]
     assert [r["completion"] for r in rows] == [ex["completion"] for ex in exs]
+
+
+def test_sweep_trains_each_point_on_that_many_traces(out):
+    """sweep.py through its command line: every (system, traces) point trained once, on the first N
+    distinct traces per domain, its accuracy read back into the table and the picture; a rerun trains nothing."""
+    if not os.path.exists(os.path.join(out, "distill", "add.jsonl")):
+        run("distill.py", "--preset", "smoke", "--out_dir", out, "--domains", ",".join(DOMAINS))
+    flags = ["--preset", "smoke", "--out_dir", out, "--traces", "1,0", "--systems", "mor_hard,attn_only", "--jobs", "2",
+             "--n_test", "2"]
+    log = run("sweep.py", *flags)
+    assert log.count("started") == 4 and "| mor_hard |" in log and "| attn_only |" in log
+    res = json.load(open(os.path.join(out, "sweep.json")))
+    assert res["traces"] == [1, 0] and set(res["mean"]) == {"mor_hard", "attn_only"}
+    assert all(0.0 <= a <= 1.0 for row in res["mean"].values() for a in row.values())
+    assert open(os.path.join(out, "sweep.svg")).read().startswith("<svg")
+    first = open(os.path.join(out, "sweep", "mor_hard_t1.log")).read()
+    assert "traces add   | 1 of" in first and "traces bool  | 1 of" in first
+    assert "started" not in run("sweep.py", *flags)  # every point is there already

@@ -165,7 +165,10 @@ def main():
     if args.attn_only and args.attn_lora_r == 0:
         die("--attn_only trains the attention LoRA alone: it needs --attn_lora_r of at least 1")
     if args.route_loss and (args.attn_only or args.routing != "hard"):
-        die("--route_loss is for the hard router (not with --attn_only or soft routing)")
+        # the presets set it for the method; the soft baselines and the control train as the paper's do
+        print(f"--route_loss {args.route_loss} is for the hard router: not used for this "
+              f"{'attention LoRA alone' if args.attn_only else 'soft router'}")
+        args.route_loss = 0.0
     data = read_traces(os.path.join(args.out_dir, "distill"), domains)
     for d in domains:
         n_all = len(data[d])

@@ -115,8 +115,6 @@ CASES = [
     ("unwritable_output", read_only, "pretrain.py --out_dir {tmp}", "cannot write to output folder"),
     ("output_under_a_file", lambda tmp, out: open(os.path.join(tmp, "f"), "w").close(),  # fails for root too
      "pretrain.py --out_dir {tmp}/f/sub", "cannot write to output folder"),
-    ("route_loss_needs_hard", None, "train_router.py --out_dir {out} --domains add --routing soft --route_loss 1",
-     "--route_loss is for the hard router"),
     ("summary_of_a_missing_seed", None, "summary.py --out_dir {tmp} --seeds 0,1", "seed_0/eval.json not found"),
     ("sweep_unknown_system", None, "sweep.py --out_dir {out} --systems mor_hrad", "--systems must name some of"),
     ("non_finite_loss", None, "pretrain.py --out_dir {tmp} --lr 1e6 --ckpt_every 1", "training diverged"),

@@ -263,7 +263,7 @@ def test_run_sh_refuses_a_bad_argument():
 def test_seeds_run_side_by_side_and_seed_0_is_the_plain_run(smoke, tmp_path):
     """run.sh --seeds 2: seeds 0 and 1, each pipeline from scratch, then summary.py. Seed 0 gives the
     plain run's results to the last bit (same preset, seed and threads); seed 1 another pipeline."""
-    env = dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, NANOMOR_COMPILE="0", CORES="2")
+    env = dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, NANOMOR_COMPILE="0", CORES="2", JOBS="3")
     r = subprocess.run(["bash", "run.sh", "smoke", "--seeds", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, f"run.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"

@@ -91,6 +91,9 @@ def main():
         die("--jobs must be at least 1")
     sweep_dir = os.path.join(args.out_dir, "sweep")
     link_inputs(args.out_dir, sweep_dir)
+    domains = [d for d in DOMAINS if os.path.exists(os.path.join(sweep_dir, "experts", f"{d}.pt"))]
+    if not domains:
+        die(f"no RLVF expert in {os.path.join(args.out_dir, 'experts')} (run bash run.sh first)")
     runs = [(s, n) for n in traces for s in systems]
     path = lambda s, n: os.path.join(sweep_dir, "mor", f"{s}_t{n}.pt")
     todo, running, t0 = [r for r in runs if not os.path.exists(path(*r))], [], time.time()
@@ -99,7 +102,8 @@ def main():
         while todo and len(running) < args.jobs:
             s, n = todo.pop(0)
             cmd = [sys.executable, "train_router.py", "--preset", args.preset, "--out_dir", sweep_dir, "--name",
-                   f"{s}_t{n}", "--traces", str(n), "--eval_n", str(args.n_test), "--seed", str(args.seed), *SYSTEMS[s]]
+                   f"{s}_t{n}", "--traces", str(n), "--eval_n", str(args.n_test), "--seed", str(args.seed),
+                   "--domains", ",".join(domains), *SYSTEMS[s]]
             log = open(os.path.join(sweep_dir, f"{s}_t{n}.log"), "w")
             running.append(((s, n), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
             print(f"== {s} with {n or 'all'} traces per domain started")
@@ -116,7 +120,7 @@ def main():
                 die(f"{s} with --traces {n} failed; see {log.name}")
             print(f"== {s} with {n or 'all'} traces done ({time.time() - t0:.0f}s)")
     acc = {s: {str(n): accuracy_of(path(s, n)) for n in traces} for s in systems}
-    mean = {s: {n: sum(a[d] for d in DOMAINS) / len(DOMAINS) for n, a in row.items()} for s, row in acc.items()}
+    mean = {s: {n: sum(a[d] for d in domains) / len(domains) for n, a in row.items()} for s, row in acc.items()}
     res = {"traces": traces, "n_test": args.n_test, "accuracy": acc, "mean": mean}
     header = ["system"] + [f"{n or 'all'} traces" for n in traces]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -612,10 +612,10 @@ def evaluate(name, model, enc, tests, mixed, traces, classifier, args, res):
     return answers, routes
 
 
-def train_classifier(base, enc, n_experts_domains, args):
-    """seq_router's prompt classifier: fit on the router split, scored on the test split. Returns
-    (predict(prompts) -> expert ids, its record for eval.json)."""
-    domains = n_experts_domains
+def train_classifier(base, enc, domains, args):
+    """seq_router's prompt classifier over the experts of `domains` (expert i serves domains[i]): fit on
+    the router split, scored on the test split. Returns (predict(prompts) -> expert ids, its record for
+    eval.json)."""
     train = [(e["prompt"], i) for i, d in enumerate(domains) for e in examples(d, "router", args.n_cls, args.seed)]
     feats = lambda prompts: prompt_features(base, enc, prompts, args.batch_size, args.device)
     predict_feats = fit_classifier(feats([p for p, _ in train]), torch.tensor([i for _, i in train]), len(domains))

@@ -23,9 +23,9 @@ from tasks import DOMAINS, examples, get_tokenizer
 
 def main():
     def extra(p):
-        p.add_argument("--batch", type=int, default=32)
-        p.add_argument("--new_tokens", type=int, default=128)
-        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--batch", type=int, default=32, rule=">= 1", help="prompts decoded at once")
+        p.add_argument("--new_tokens", type=int, default=128, rule=">= 1")
+        p.add_argument("--repeats", type=int, default=3, rule=">= 1", help="timed runs of each way (the best is kept)")
     args = parse_args(__doc__, ["model"], extra)
     make_out_dir(args.out_dir)
     torch.manual_seed(0)

@@ -26,10 +26,8 @@ from tasks import get_tokenizer, stream_rng
 
 def main():
     def extra(p):
-        p.add_argument("--batches", type=int, default=30, help="batches in a timed pass")
+        p.add_argument("--batches", type=int, default=30, rule=">= 1", help="batches in a timed pass")
     args = parse_args(__doc__, ["model", "pretrain"], extra)
-    if args.batches < 1:
-        die("--batches must be at least 1")
     make_out_dir(args.out_dir)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     enc = get_tokenizer()

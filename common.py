@@ -69,6 +69,28 @@ PRESETS = {
 }
 
 
+# What each flag of the presets may be: one rule per name, the same in every section and preset,
+# checked when the flags are parsed (a script's own flags declare theirs in add_argument(rule=...)).
+#   ">= 1" a count, "> 0" a rate, "0..1" a probability (bounds included), "a|b" a choice,
+#   "list R" a comma-separated list whose items each obey R, "bool", "text" (the script checks it);
+#   after a comma, what a special value means (it goes into --help).
+FLAGS = {
+    "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1, a multiple of n_head", "block_size": ">= 1",
+    "steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "warmup": ">= 0", "seed": ">= 0",
+    "bug_rate": "0..1", "mixed_frac": "0..1", "eval_n": ">= 1", "pass_k": ">= 0, 0: no pass@k",
+    "compile": "bool", "bf16": "bool", "pack": "bool", "ckpt_every": ">= 0, 0: never checkpoint",
+    "prompts": ">= 1", "group": ">= 2, the baseline is the group mean", "sft_lr": "> 0", "rank": ">= 1",
+    "alpha": "> 0", "temperature": "> 0", "std_norm": "bool", "clip": ">= 0, 0: no clipping",
+    "ppo_epochs": ">= 1", "kl": ">= 0, 0: no KL penalty", "micro_batch": ">= 0, 0: all rows at once",
+    "sft_batch": ">= 1", "eval_every": ">= 0, 0: only at the end",
+    "n_prompts": ">= 1", "samples": ">= 0, 0: one greedy trace per prompt", "gold_fallback": "bool",
+    "attn_lr": "> 0", "attn_lora_r": ">= 0, 0: no attention LoRA", "attn_alpha": "> 0",
+    "routing": "hard|soft|arrow", "top_k": ">= 1, at most the number of experts", "normalize": "bool",
+    "per_layer": "bool", "train_experts": "bool", "l2": ">= 0", "attn_only": "bool",
+    "traces": ">= 0, 0: all", "route_loss": ">= 0, 0: the LM loss alone (the paper's)",
+    "n_test": ">= 1", "n_kl": ">= 0, 0: no KL or decisive tokens", "n_cls": ">= 1",
+}
+
 def die(msg):
     """Bad input ends the script with one clear line, never a traceback."""
     print(f"error: {msg}", file=sys.stderr)
@@ -76,8 +98,63 @@ def die(msg):
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and a rule per flag (FLAGS says how they read): add_argument(...,
+    rule=R), checked when the flags are parsed."""
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rules = {}
+
     def error(self, message):
         die(f"{self.prog}: {message}")
+
+    def add_argument(self, *names, rule=None, **kw):
+        action = super().add_argument(*names, **kw)
+        if rule:
+            self.rules[action.dest] = rule
+            if rule not in ("text", "bool"):
+                action.help = f"{action.help + '; ' if action.help else ''}{rule}"
+        return action
+
+    def parse_args(self, *a, **kw):
+        args = super().parse_args(*a, **kw)
+        self.check_rules(args)
+        return args
+
+    def check_rules(self, args):
+        for name, rule in self.rules.items():
+            rule = rule.split(", ")[0]  # after a comma: what a special value means, for the help text
+            if not obeys(getattr(args, name), rule):
+                die(f"--{name} must be {describe(rule)} (got {getattr(args, name)!r})")
+
+
+def obeys(value, rule):
+    """Does value obey rule? FLAGS says how rules read."""
+    if rule in ("text", "bool"):  # text: the script checks it (a path, a name); bool: argparse already did
+        return True
+    if rule.startswith("list "):
+        each, items = rule[len("list "):], value.split(",")
+        if "|" not in each:  # a list of numbers: whole ones
+            if not all(x.strip().lstrip("-").isdigit() for x in items):
+                return False
+            items = [int(x) for x in items]
+        return all(obeys(x, each) for x in items)
+    if "|" in rule:
+        return value in rule.split("|")
+    if ".." in rule:
+        lo, hi = map(float, rule.split(".."))
+        return lo <= value <= hi
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def describe(rule):
+    if rule.startswith("list "):
+        return "a comma-separated list, each " + describe(rule[len("list "):])
+    if "|" in rule:
+        return "one of " + ", ".join(rule.split("|"))
+    if ".." in rule:
+        return "between " + rule.replace("..", " and ")
+    return rule
 
 
 def true_or_false(s):
@@ -98,22 +175,22 @@ def parse_args(description, sections, add_args=None, argv=None):
     pre.add_argument("--preset", default=default_preset)
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESETS:
-        die(f"unknown preset {known.preset!r} (choose from {', '.join(PRESETS)})")
+        die(f"--preset must be one of {', '.join(PRESETS)} (got {known.preset!r})")
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=default_preset, help=f"one of {', '.join(PRESETS)} (default {default_preset})")
-    p.add_argument("--out_dir", default=None, help="where everything is read and written (default out/PRESET)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default=default_preset, rule="|".join(PRESETS), help=f"default {default_preset}")
+    p.add_argument("--out_dir", default=None, rule="text", help="where everything is read and written (default out/PRESET)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", rule="text")
     for section in sections:
         for key, val in PRESETS[known.preset][section].items():
             on_off = dict(nargs="?", const=True) if isinstance(val, bool) else {}  # `--flag` alone means true
-            p.add_argument(f"--{key}", type=_flag_type(val), default=val, help=f"[{section}] default {val}", **on_off)
+            p.add_argument(f"--{key}", type=_flag_type(val), default=val, rule=FLAGS[key],
+                           help=f"[{section}] default {val}", **on_off)
     p.add_argument("--resume", action="store_true", help="continue from the last training checkpoint, if any")
     if add_args:
         add_args(p)
     args = p.parse_args(argv)
-    for key, val in vars(args).items():
-        if isinstance(val, (int, float)) and not isinstance(val, bool) and val < 0:
-            die(f"--{key} must not be negative (got {val})")
+    if "n_head" in args and args.n_embd % args.n_head:
+        die(f"--n_embd must be a multiple of --n_head (got {args.n_embd} and {args.n_head})")
     args.out_dir = args.out_dir or os.path.join("out", args.preset)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die("--device cuda asked for, but CUDA is not available")
@@ -142,11 +219,6 @@ def per_rank(n, world, flag):
     if n % world:
         die(f"--{flag} {n} does not split evenly over {world} processes")
     return n // world
-
-
-def check_domain(domain):
-    if domain not in DOMAINS:
-        die(f"unknown domain {domain!r} (choose from {', '.join(DOMAINS)})")
 
 
 def make_out_dir(path):

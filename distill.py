@@ -24,7 +24,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import Timer, check_domain, die, encode_example, load_base, make_out_dir, parse_args, write_text_atomic
+from common import Timer, die, encode_example, load_base, make_out_dir, parse_args, write_text_atomic
 from lora import apply_adapter, load_adapter
 from tasks import DOMAINS, MAX_NEW_TOKENS, examples, verify
 
@@ -66,14 +66,10 @@ def distill_domain(model, enc, domain, args, generator):
 
 def main():
     def extra(p):
-        p.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated list (default: all)")
-        p.add_argument("--batch_size", type=int, default=256, help="prompts generated at once")
+        p.add_argument("--domains", default=",".join(DOMAINS), rule="list " + "|".join(DOMAINS), help="the experts' domains (default: all)")
+        p.add_argument("--batch_size", type=int, default=256, rule=">= 1", help="prompts generated at once")
     args = parse_args(__doc__, ["distill"], extra)
-    domains = [d for d in args.domains.split(",") if d]
-    for d in domains:
-        check_domain(d)
-    if args.batch_size < 1:
-        die("--batch_size must be at least 1")
+    domains = args.domains.split(",")
     for d in domains:
         path = os.path.join(args.out_dir, "experts", f"{d}.pt")
         if not os.path.exists(path):

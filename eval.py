@@ -652,16 +652,12 @@ def write_outputs(res, page, out_dir):
 
 def main():
     def extra(p):
-        p.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
+        p.add_argument("--systems", default="", rule="text", help="comma-separated subset of the systems (default: all)")
     args = parse_args(__doc__, ["eval"], extra)
     systems = [s for s in args.systems.split(",") if s] or SYSTEMS
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         die(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
-    if args.n_test < 1:
-        die("--n_test must be at least 1")
-    if args.batch_size < 1:
-        die("--batch_size must be at least 1")
     timer = Timer()
     if os.environ.get("NANOMOR_COMPILE") != "1":
         # eval meets many batch shapes (every prompt batch, every teacher-forced batch) and each would

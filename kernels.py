@@ -29,7 +29,6 @@ routed_lora picks between 2 and 3 by size (see `pick`). Compilation of 2 is lazy
 NANOMOR_COMPILE=0 (or kernels.COMPILE = False) to run it eagerly, e.g. where compiling is slow. If
 torch.compile fails (no C++ compiler, say) it warns once and runs eagerly from then on.
 """
-import argparse
 import json
 import math
 import os
@@ -38,6 +37,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from common import Parser
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,17 +281,17 @@ def bench(Es, d, r, n_tokens, iters, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Check the routed LoRA kernels against the reference, then time them "
-                                             "inside a hard-routed SwiGLU MLP (forward + backward).")
-    ap.add_argument("--out_dir", default="out")
-    ap.add_argument("--n_tokens", type=int, default=4096, help="tokens per batch (batch * time)")
-    ap.add_argument("--d_model", type=int, default=128)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--experts", default="2,4,5,8,16,32", help="comma-separated numbers of experts")
-    ap.add_argument("--iters", type=int, default=25, help="timed rounds (median reported)")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads (0: torch's default; 1 is steadier on a machine shared with other jobs)")
+    ap = Parser(description="Check the routed LoRA kernels against the reference, then time them "
+                            "inside a hard-routed SwiGLU MLP (forward + backward).")
+    ap.add_argument("--out_dir", default="out", rule="text")
+    ap.add_argument("--n_tokens", type=int, default=4096, rule=">= 1", help="tokens per batch (batch * time)")
+    ap.add_argument("--d_model", type=int, default=128, rule=">= 1")
+    ap.add_argument("--rank", type=int, default=8, rule=">= 1")
+    ap.add_argument("--experts", default="2,4,5,8,16,32", rule="list >= 1", help="numbers of experts")
+    ap.add_argument("--iters", type=int, default=25, rule=">= 1", help="timed rounds (median reported)")
+    ap.add_argument("--device", default="auto", rule="auto|cpu|cuda")
+    ap.add_argument("--threads", type=int, default=0, rule=">= 0, 0: torch's default",
+                    help="CPU threads (1 is steadier on a machine shared with other jobs)")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:

@@ -40,6 +40,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ "$seeds" != 0 ] || { echo "error: --seeds must be at least 1" >&2; exit 2; }
+for var in CORES JOBS; do  # the environment's knobs: unset, or a count
+  eval "val=\${$var-unset}"
+  case "$val" in unset) ;; ''|*[!0-9]*|0) echo "error: $var must be a positive integer (got '$val')" >&2; exit 2 ;; esac
+done
 py="${PYTHON:-python3}"  # PYTHON=... picks the interpreter (the tests pass their own)
 if [ -z "$preset" ]; then
   preset=$($py -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')") || exit 1
@@ -73,7 +77,6 @@ if [ -n "$seeds" ]; then  # one pipeline per seed, side by side, each with its s
 fi
 if [ "$preset" = gpu ]; then default_jobs=3; else default_jobs=$(( cores < 2 ? 1 : cores + 1 )); fi
 jobs=${JOBS:-$default_jobs}
-case "$jobs" in ''|*[!0-9]*|0) echo "error: JOBS must be a positive integer (got '$jobs')" >&2; exit 2 ;; esac
 
 # ---------------------------------------------------------------------------------------------
 # The stages: name, the file that marks it done, the stages it needs, its command.

@@ -106,14 +106,9 @@ def markdown(res):
 
 def main():
     def extra(p):
-        p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: OUT/seed_K/eval.json for each K")
+        p.add_argument("--seeds", default="0,1,2", rule="list >= 0", help="comma-separated seeds: OUT/seed_K/eval.json for each K")
     args = parse_args(__doc__, [], extra)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        die(f"--seeds must be comma-separated integers (got {args.seeds!r})")
-    if not seeds:
-        die("--seeds names no seed")
+    seeds = [int(s) for s in args.seeds.split(",")]
     runs = []
     for k in seeds:
         path = os.path.join(args.out_dir, f"seed_{k}", "eval.json")

@@ -74,21 +74,15 @@ def picture(res):
 
 def main():
     def extra(p):
-        p.add_argument("--traces", default="16,64,256,0", help="traces per domain, comma-separated (0: all)")
-        p.add_argument("--systems", default="mor_hard,attn_only,moe_soft",
+        p.add_argument("--traces", default="16,64,256,0", rule="list >= 0, 0: all", help="traces per domain")
+        p.add_argument("--systems", default="mor_hard,attn_only,moe_soft", rule="text",
                        help=f"comma-separated, from {', '.join(SYSTEMS)}")
-        p.add_argument("--jobs", type=int, default=(os.cpu_count() or 1) + 1, help="trainings side by side, one thread each")
+        p.add_argument("--jobs", type=int, default=(os.cpu_count() or 1) + 1, rule=">= 1", help="trainings side by side, one thread each")
     args = parse_args(__doc__, ["eval"], extra)
-    try:
-        traces = [int(n) for n in args.traces.split(",") if n]
-    except ValueError:
-        die(f"--traces must be comma-separated integers (got {args.traces!r})")
+    traces = [int(n) for n in args.traces.split(",")]
     systems = [s for s in args.systems.split(",") if s]
-    bad = [s for s in systems if s not in SYSTEMS]
-    if bad or not systems or not traces or any(n < 0 for n in traces):
-        die(f"--systems must name some of {', '.join(SYSTEMS)} and --traces some counts (got {args.systems!r}, {args.traces!r})")
-    if args.jobs < 1:
-        die("--jobs must be at least 1")
+    if not systems or any(s not in SYSTEMS for s in systems):
+        die(f"--systems must name some of {', '.join(SYSTEMS)} (got {args.systems!r})")
     sweep_dir = os.path.join(args.out_dir, "sweep")
     link_inputs(args.out_dir, sweep_dir)
     domains = [d for d in DOMAINS if os.path.exists(os.path.join(sweep_dir, "experts", f"{d}.pt"))]

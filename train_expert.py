@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
+from common import (Timer, autocast, die, encode_example, greedy_accuracy, load_base,
                     load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
                     training_batch)
 from lora import EXPERT_TARGETS, adapters_off, attach, lora_parameters, save_adapter
@@ -126,14 +126,11 @@ def sft_step(model, enc, opt, batch, args):
 
 def main():
     def extra(p):
-        p.add_argument("--domain", required=True, help=f"one of {', '.join(DOMAINS)}")
-        p.add_argument("--method", default="rl", choices=["rl", "sft"])
+        p.add_argument("--domain", required=True, rule="|".join(DOMAINS))
+        p.add_argument("--method", default="rl", rule="rl|sft", help="RLVF or supervised on gold traces")
     args = parse_args(__doc__, ["expert"], extra)
     rank, world, args.device = setup_ddp(args.device)
-    check_domain(args.domain)
     n = per_rank(args.prompts, world, "prompts") if args.method == "rl" else per_rank(args.sft_batch, world, "sft_batch")
-    if args.group < 2 and args.method == "rl":
-        die("--group must be at least 2: the baseline is the group mean")
     out_path = os.path.join(args.out_dir, "experts", f"{args.domain}{'_sft' if args.method == 'sft' else ''}.pt")
     make_out_dir(os.path.dirname(out_path))
     model, enc, base_ckpt = load_base(args.out_dir, args.device)
@@ -184,7 +181,7 @@ def main():
                     f" | len {stats['len']:.0f} | lr {lr:g}")
         else:
             line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {lr:g}"
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+        if rank == 0 and (args.eval_every and step % args.eval_every == 0 or step == args.steps):
             evals.append((step, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"
         tqdm.write(line)

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kernels
-from common import (Timer, autocast, check_domain, die, encode_example, greedy_accuracy, load_base,
+from common import (Timer, autocast, die, encode_example, greedy_accuracy, load_base,
                     load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
                     training_batch)
 from lora import ATTN_TARGETS, apply_adapter, attach, load_adapter, lora_parameters, save_adapter
@@ -140,15 +140,13 @@ def expert_accuracy(path, base, base_ckpt, enc, domain, n):
 
 def main():
     def extra(p):
-        p.add_argument("--name", default=None, help="output OUT/mor/NAME.pt (default: mor_hard, or derived from the flags)")
-        p.add_argument("--domains", default=",".join(DOMAINS), help="experts to compose, comma-separated (default: all)")
+        p.add_argument("--name", default=None, rule="text", help="output OUT/mor/NAME.pt (default: mor_hard, or derived from the flags)")
+        p.add_argument("--domains", default=",".join(DOMAINS), rule="list " + "|".join(DOMAINS), help="experts to compose, comma-separated (default: all)")
     args = parse_args(__doc__, ["router"], extra)
     rank, world, args.device = setup_ddp(args.device)
     batch_size = per_rank(args.batch_size, world, "batch_size")
     timer = Timer()
-    domains = [d for d in args.domains.split(",") if d]
-    for d in domains:
-        check_domain(d)
+    domains = args.domains.split(",")
     if len(set(domains)) != len(domains):
         die(f"--domains names an expert twice: {args.domains}")
     args.name = args.name or default_name(args)

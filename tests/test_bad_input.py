@@ -94,8 +94,8 @@ def read_only(tmp, out):
 CASES = [
     ("unknown_flag", None, "pretrain.py --out_dir {tmp} --bogus 1", "unrecognized arguments: --bogus"),
     ("bad_value", None, "pretrain.py --out_dir {tmp} --steps abc", "invalid int value: 'abc'"),
-    ("negative_value", None, "pretrain.py --out_dir {tmp} --steps -3", "--steps must not be negative"),
-    ("unknown_preset", None, "pretrain.py --preset huge --out_dir {tmp}", "unknown preset 'huge'"),
+    ("negative_value", None, "pretrain.py --out_dir {tmp} --steps -3", "--steps must be >= 1 (got -3)"),
+    ("unknown_preset", None, "pretrain.py --preset huge --out_dir {tmp}", "--preset must be one of smoke, cpu, gpu (got 'huge')"),
     ("missing_base", None, "train_expert.py --out_dir {tmp} --domain add", "base model not found"),
     ("missing_expert", None, "distill.py --out_dir {out} --domains add,bool", "no expert for domain bool"),
     ("missing_expert_router", None, "train_router.py --out_dir {out} --domains bool", "no expert for domain bool"),
@@ -111,7 +111,7 @@ CASES = [
     # the CLI path to "longer than the context": a base whose context cannot hold the training sequences.
     # Generation refuses too-long prompts as well: test_generate_refuses_a_prompt_longer_than_the_context
     ("longer_than_context", None, "pretrain.py --out_dir {tmp} --block_size 48", "does not fit the model's context"),
-    ("unknown_domain", None, "train_expert.py --out_dir {out} --domain nope", "unknown domain 'nope'"),
+    ("unknown_domain", None, "train_expert.py --out_dir {out} --domain nope", "--domain must be one of add, bool"),
     ("unwritable_output", read_only, "pretrain.py --out_dir {tmp}", "cannot write to output folder"),
     ("output_under_a_file", lambda tmp, out: open(os.path.join(tmp, "f"), "w").close(),  # fails for root too
      "pretrain.py --out_dir {tmp}/f/sub", "cannot write to output folder"),

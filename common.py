@@ -32,23 +32,25 @@ PRESETS = {
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=0, route_loss=1.0,
                        mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
+        "lorahub": dict(steps=10, examples=16, l1=0.05, seed=0),
         "eval": dict(n_test=8, n_kl=8, n_cls=16, batch_size=64, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
         "pretrain": dict(steps=800, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=False, ckpt_every=100),
+                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=True, ckpt_every=100),
         "expert": dict(steps=80, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=20,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=0,
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         # stage 2 as data-scarce as the paper's premise (32 traces per domain), the router told which expert
-        # writes each token (route_loss; 0 is the paper's LM loss alone), the attention LoRA at a thirtieth
+        # writes each token (route_loss; 0 is the paper's LM loss alone), the attention LoRA at a hundredth
         # of the router's rate: faster, it relearns the tasks from the traces and overfits them (README)
-        "router": dict(steps=200, batch_size=64, lr=3e-3, attn_lr=1e-4, attn_lora_r=4, attn_alpha=8.0,
+        "router": dict(steps=100, batch_size=64, lr=1e-2, attn_lr=1e-4, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=32, route_loss=1.0,
                        mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
+        "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         "eval": dict(n_test=200, n_kl=100, n_cls=200, batch_size=256, seed=0),
     },
     "gpu": {  # pack=False: without a mask SDPA can use flash attention
@@ -64,6 +66,7 @@ PRESETS = {
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=128, route_loss=1.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
+        "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         "eval": dict(n_test=500, n_kl=200, n_cls=500, batch_size=512, seed=0),
     },
 }
@@ -85,9 +88,10 @@ FLAGS = {
     "sft_batch": ">= 1", "eval_every": ">= 0, 0: only at the end",
     "n_prompts": ">= 1", "samples": ">= 0, 0: one greedy trace per prompt", "gold_fallback": "bool",
     "attn_lr": "> 0", "attn_lora_r": ">= 0, 0: no attention LoRA", "attn_alpha": "> 0",
-    "routing": "hard|soft|arrow", "top_k": ">= 1, at most the number of experts", "normalize": "bool",
+    "routing": "hard|soft|arrow|gumbel", "top_k": ">= 1, at most the number of experts", "normalize": "bool",
     "per_layer": "bool", "train_experts": "bool", "l2": ">= 0", "attn_only": "bool",
     "traces": ">= 0, 0: all", "route_loss": ">= 0, 0: the LM loss alone (the paper's)",
+    "examples": ">= 1", "l1": ">= 0",
     "n_test": ">= 1", "n_kl": ">= 0, 0: no KL or decisive tokens", "n_cls": ">= 1",
 }
 

@@ -10,13 +10,15 @@ tasks.mixed_examples("test", n_test), greedy):
     sft:D         base + D's SFT expert (OUT/experts/D_sft.pt)
     merge         one LoRA, the uniform average of the RLVF experts' A's and, separately, of their B's
                   (LoRAHub with equal weights), applied at the experts' scale alpha / r
+    lorahub       the same with searched weights, OUT/mor/lorahub.pt (lorahub.py; its weights in eval.json)
     seq_router    one expert per sequence, the paper's sequence-level baseline: a prompt classifier
                   (logistic regression on the frozen base's mean-pooled final hidden states of the
                   prompt, trained here on --n_cls prompts per domain of the `router` split and their
                   domain labels) picks one RLVF expert, which answers the whole sequence alone
     oracle        the domain's own RLVF expert, known in advance (= expert:D on D; mixed: null)
     arrow         training-free token routing (router.py, routing "arrow"): nothing trained
-    mor_hard, mor_paper, router_only, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py), rebuilt by router.load_mor
+    mor_hard, mor_paper, router_only, mor_gumbel, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py),
+                  rebuilt by router.load_mor
     attn_only     the control: OUT/mor/attn_only.pt, the attention LoRA trained alone (no experts)
     mor_hard+random, mor_hard+no_experts, mor_hard+oracle   test-time swaps of the trained method:
                   every token at every layer sent to a random expert; every expert's delta zeroed (the
@@ -57,11 +59,11 @@ from tqdm import tqdm
 import kernels
 from common import (Timer, completion_batch, die, encode_example, load_base, make_out_dir, parse_args,
                     write_text_atomic)
-from lora import apply_adapter, load_adapter, lora_parameters, merge
+from lora import apply_adapter, load_adapter, lora_parameters, merge, weighted_adapter
 from router import compose, count_parameters, expert_index, experts_zeroed, forced_experts, load_mor
 from tasks import DOMAINS, MAX_NEW_TOKENS, MAX_NEW_TOKENS_MIXED, SEP, examples, mixed_examples, score
 
-MOR_SYSTEMS = ("mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft")
+MOR_SYSTEMS = ("mor_hard", "mor_paper", "router_only", "mor_gumbel", "mor_soft", "moe_soft")
 ROUTED = MOR_SYSTEMS + ("arrow",)  # the systems whose own router decides, analysed token by token
 SWAPS = ("random", "no_experts", "oracle")  # test-time swaps of mor_hard
 COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#CC79A7", "#0072B2", "#D55E00", "#999999"]  # Okabe-Ito
@@ -249,15 +251,6 @@ def with_adapter(base, ad):
     return model, n_params(lora_parameters(model))
 
 
-def merged_adapter(ads):
-    """LoRAHub with equal weights: the mean of the A's and, separately, of the B's. None (with the
-    reason) when the experts differ in rank or alpha, which a plain average cannot combine."""
-    if len({(ad["rank"], ad["alpha"], tuple(ad["targets"])) for ad in ads}) != 1:
-        return None, "the experts differ in rank, alpha or targets"
-    tensors = {k: torch.stack([ad["tensors"][k] for ad in ads]).mean(0) for k in ads[0]["tensors"]}
-    return dict(ads[0], tensors=tensors), ""
-
-
 def expert_files(args):
     """The RLVF experts that exist, in domain order."""
     paths = [os.path.join(args.out_dir, "experts", f"{d}.pt") for d in DOMAINS]
@@ -272,19 +265,21 @@ def build(name, base, base_ckpt, args):
     name = name.split("+")[0]
     if name == "base":
         return (base, 0, base_total), ""
-    if name.startswith(("expert:", "sft:")) or name == "attn_only":
-        path = (os.path.join(args.out_dir, "mor", "attn_only.pt") if name == "attn_only"
+    if name.startswith(("expert:", "sft:")) or name in ("attn_only", "lorahub"):
+        path = (os.path.join(args.out_dir, "mor", f"{name}.pt") if name in ("attn_only", "lorahub")
                 else expert_path(name.split(":")[1], name.startswith("sft:")))
         if not os.path.exists(path):
             return None, f"{path} not found"
-        model, n = with_adapter(base, load_adapter(path, base_ckpt))
-        return (model, n, base_total + n), ""
+        ad = load_adapter(path, base_ckpt)
+        model, n = with_adapter(base, ad)
+        trainable = len(ad["meta"]["metrics"]["weights"]) if name == "lorahub" else n  # lorahub: E weights
+        return (model, trainable, base_total + n), ""
     if name in ("merge", "seq_router", "arrow"):
         paths = expert_files(args)
         if not paths:
             return None, "no RLVF expert found"
         if name == "merge":
-            ad, why = merged_adapter([load_adapter(p, base_ckpt) for p in paths])
+            ad, why = weighted_adapter([load_adapter(p, base_ckpt) for p in paths], [1 / len(paths)] * len(paths))
             if ad is None:
                 return None, why
             model, n = with_adapter(base, ad)
@@ -402,6 +397,8 @@ def report(res):
         parts += ["seq_router's classifier, test accuracy (trained on "
                   f"{c['train_prompts']} router-split prompts): " +
                   ", ".join(f"{d} {a:.3f}" for d, a in c["test_accuracy"].items())]
+    if "lorahub_weights" in res:
+        parts += ["lorahub's searched weights: " + ", ".join(f"{d} {w:+.2f}" for d, w in res["lorahub_weights"].items())]
     rows = [[s, f"{p['trainable']:,}", f"{p['total']:,}", f"{p['trainable'] / p['total']:.2%}"]
             for s, p in res["params"].items()]
     parts += ["## Parameters",
@@ -557,7 +554,7 @@ def routing_page(domains, n_layer, samples, routing=None):
 # ---------------------------------------------------------------------------------------------
 
 SYSTEMS = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
-           ["merge", "seq_router", "oracle", "arrow", *MOR_SYSTEMS, "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
+           ["merge", "lorahub", "seq_router", "oracle", "arrow", *MOR_SYSTEMS, "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
 
 
 def reference_traces(base, base_ckpt, enc, args):
@@ -704,6 +701,9 @@ def main():
             n = res["seq_router_classifier"]["params"]
             trainable, total = n, total + n
         res["params"][name] = {"trainable": trainable, "total": total}
+        if name == "lorahub":
+            res["lorahub_weights"] = load_adapter(os.path.join(args.out_dir, "mor", "lorahub.pt"),
+                                                  base_ckpt)["meta"]["metrics"]["weights"]
         answers, routes = evaluate(name, model, enc, tests, mixed, traces, classifier, args, res)
         if name == "mor_hard":
             page = routing_page([x["domain"] for x in model.router.expert_info], len(model.blocks),

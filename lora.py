@@ -136,6 +136,15 @@ def load_adapter(path, base_ckpt):
     return ad
 
 
+def weighted_adapter(ads, weights):
+    """One adapter from several: sum_i w_i A_i and, separately, sum_i w_i B_i (the merges of eval.py and
+    lorahub.py). None, with the reason, when they differ in rank, alpha or targets."""
+    if len({(ad["rank"], ad["alpha"], tuple(ad["targets"])) for ad in ads}) != 1:
+        return None, "the experts differ in rank, alpha or targets"
+    tensors = {k: sum(float(w) * ad["tensors"][k] for w, ad in zip(weights, ads)) for k in ads[0]["tensors"]}
+    return dict(ads[0], tensors=tensors), ""
+
+
 def apply_adapter(model, ad):
     """Attach the adapter's layers to model and load its tensors."""
     layers = attach(model, tuple(ad["targets"]), ad["rank"], ad["alpha"])

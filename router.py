@@ -6,6 +6,9 @@ Block.mlp_norm; the experts' LoRAs sit on gate, up and down, stacked along a lea
 
     p  = softmax(R x)                     R: Linear(d_model, E, bias=False), one for all layers
     hard (the method):  e* = argmax p,  w = 1 + p[e*] - stopgrad(p[e*])   (value exactly 1)
+    gumbel (baseline):  in training e* = argmax q, q = softmax((R x + gumbel noise) / tau), a sample of p,
+                        w = 1 + q[e*] - stopgrad(q[e*]) (straight-through Gumbel-softmax, value exactly 1;
+                        train_router.py anneals tau from 1 to 0.1); at test e* = argmax p, as hard
     soft (baselines):   top-k of p, w = p[top-k]  (normalize: w = p[top-k] / sum p[top-k])
     arrow (training-free baseline): per layer, R[l, e] = v_e, the top right singular vector of expert
                         e's [B_g A_g; B_u A_u] there; e* = argmax |<x, v_e>|, w = 1 (nothing trained)
@@ -33,7 +36,7 @@ from common import die, fingerprint, load_checkpoint, save_atomic
 from kernels import routed_lora
 from lora import ATTN_TARGETS, EXPERT_TARGETS, attach, load_adapter, lora_layers
 
-ROUTINGS = ("hard", "soft", "arrow")
+ROUTINGS = ("hard", "soft", "arrow", "gumbel")
 
 
 class Router(nn.Module):
@@ -60,6 +63,7 @@ class Router(nn.Module):
         self.keep_logits = False
         self.kept = []
         self.random = torch.Generator().manual_seed(0)  # the random-router control's choices, reproducible
+        self.tau = 1.0  # gumbel routing's temperature in training
 
     def forward(self, x, layer):
         B, T, C = x.shape
@@ -68,7 +72,7 @@ class Router(nn.Module):
             logits = logits.abs()  # a singular vector's sign is arbitrary
         if self.keep_logits:
             self.kept.append(logits)
-        p = F.softmax(logits, -1)
+        p = q = F.softmax(logits, -1)
         if isinstance(self.forced, str):  # "random"
             idx = torch.randint(p.shape[1], (B * T, 1), generator=self.random).to(x.device)
         elif self.forced is not None and self.forced.dim() == 0:
@@ -77,15 +81,18 @@ class Router(nn.Module):
             if self.forced.numel() != B:
                 raise ValueError(f"forced routing names {self.forced.numel()} experts for a batch of {B} sequences")
             idx = self.forced.to(x.device).repeat_interleave(T)[:, None]
-        elif self.routing == "hard":
-            idx = p.argmax(-1, keepdim=True)
+        elif self.routing in ("hard", "gumbel"):
+            if self.routing == "gumbel" and self.training:  # a sample of p; its relaxation carries the gradient
+                gumbel = -torch.empty_like(logits).exponential_().log()
+                q = F.softmax((logits + gumbel) / self.tau, -1)
+            idx = q.argmax(-1, keepdim=True)
         else:
             idx = p.topk(self.top_k, -1).indices
         if self.routing == "arrow":
             w = torch.ones_like(idx, dtype=p.dtype)
-        elif self.routing == "hard":
-            p_e = p.gather(-1, idx)
-            w = 1 + (p_e - p_e.detach())  # straight-through: exactly 1 forward (1 + p - p rounds), d/dp backward
+        elif self.routing in ("hard", "gumbel"):
+            q_e = q.gather(-1, idx)
+            w = 1 + (q_e - q_e.detach())  # straight-through: exactly 1 forward (1 + q - q rounds), d/dq backward
         elif self.normalize:
             # p[top-k] / sum p[top-k] is the softmax of the chosen logits; written this way a top-1
             # weight is exactly 1 with exactly zero gradient, as the maths says

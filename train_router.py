@@ -13,6 +13,7 @@ paper's recipe, so that the router and attention LoRA learn answers that switch 
     python train_router.py                                   # the method: hard top-1, writes OUT/mor/mor_hard.pt
     python train_router.py --routing soft --top_k 2           # soft baseline (mor_soft_top2)
     python train_router.py --routing soft --top_k 2 --per_layer true --train_experts true --name moe_soft
+    python train_router.py --routing gumbel                  # Gumbel-softmax baseline (mor_gumbel)
 --train_experts makes the experts' A/B trainable, pulled toward their starting values by
 --l2 * sum ||theta - theta_0||^2 (the "relearn" baseline). --attn_lora_r 0 turns the attention LoRA off.
 
@@ -162,7 +163,7 @@ def main():
     make_out_dir(os.path.dirname(out_path))
     if args.attn_only and args.attn_lora_r == 0:
         die("--attn_only trains the attention LoRA alone: it needs --attn_lora_r of at least 1")
-    if args.route_loss and (args.attn_only or args.routing != "hard"):
+    if args.route_loss and (args.attn_only or args.routing not in ("hard", "gumbel")):
         # the presets set it for the method; the soft baselines and the control train as the paper's do
         print(f"--route_loss {args.route_loss} is for the hard router: not used for this "
               f"{'attention LoRA alone' if args.attn_only else 'soft router'}")
@@ -229,6 +230,8 @@ def main():
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))  # cosine to a tenth
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * decay
+        if not args.attn_only:
+            model.router.tau = decay  # gumbel routing's temperature: the same cosine, from 1 to 0.1
         if args.route_loss:
             model.router.keep_logits, model.router.kept = True, []
         with autocast(args):

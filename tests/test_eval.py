@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from eval import (SWAPS, behavior_kl, concentration, confusion, expert_switches, fit_classifier, majority,
-                  merged_adapter, mixed_purity, purity, routing_page)
+                  mixed_purity, purity, routing_page)
+from lora import weighted_adapter
 from tasks import DOMAINS, mixed_examples, score, verify_mixed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,10 +107,12 @@ def test_merge_averages_A_and_B_separately():
                                                                  "m.up.B": torch.tensor([[2.0]])}}
     b = {"rank": 1, "alpha": 2.0, "targets": ["up"], "tensors": {"m.up.A": torch.tensor([[0.0, 1.0]]),
                                                                  "m.up.B": torch.tensor([[4.0]])}}
-    ad, _ = merged_adapter([a, b])
+    ad, _ = weighted_adapter([a, b], [0.5, 0.5])
     assert ad["tensors"]["m.up.A"].tolist() == [[0.5, 0.5]] and ad["tensors"]["m.up.B"].tolist() == [[3.0]]
     assert ad["alpha"] == 2.0 and ad["rank"] == 1  # applied at the experts' own scale
-    ad, why = merged_adapter([a, dict(b, rank=2)])
+    ad, _ = weighted_adapter([a, b], [1.5, -1.0])  # LoRAHub's searched weights: A and B each weighted
+    assert ad["tensors"]["m.up.A"].tolist() == [[1.5, -1.0]] and ad["tensors"]["m.up.B"].tolist() == [[-1.0]]
+    ad, why = weighted_adapter([a, dict(b, rank=2)], [0.5, 0.5])
     assert ad is None and "rank" in why
 
 
@@ -174,8 +177,8 @@ def test_smoke_pipeline_writes_eval_json(smoke):
 
     res = json.load(open(os.path.join(out, "eval.json")))
     systems = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
-               ["merge", "seq_router", "oracle", "arrow", "mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft",
-                "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
+               ["merge", "lorahub", "seq_router", "oracle", "arrow", "mor_hard", "mor_paper", "router_only", "mor_gumbel",
+                "mor_soft", "moe_soft", "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
     assert res["preset"] == "smoke" and res["seed"] == 0 and res["n_test"] == 8 and res["domains"] == DOMAINS
     assert list(res["accuracy"]) == systems and list(res["params"]) == systems and not res["skipped"]
     for s, acc in res["accuracy"].items():
@@ -196,7 +199,9 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     assert all(res["params"][f"mor_hard+{s}"] == res["params"]["mor_hard"] for s in SWAPS)
     assert all(sum(v.values()) == 8 for d, v in res["seq_router_votes"].items())  # one pick per prompt
     assert all(0.0 <= a <= 1.0 for a in res["seq_router_classifier"]["test_accuracy"].values())
-    assert list(res["routing"]) == ["arrow", "mor_hard", "mor_paper", "router_only", "mor_soft", "moe_soft"]
+    assert list(res["routing"]) == ["arrow", "mor_hard", "mor_paper", "router_only", "mor_gumbel", "mor_soft", "moe_soft"]
+    assert res["params"]["lorahub"]["trainable"] == 5 and res["params"]["lorahub"]["total"] == res["params"]["merge"]["total"]
+    assert list(res["lorahub_weights"]) == DOMAINS and all(-1.5 <= w <= 1.5 for w in res["lorahub_weights"].values())
     for r in res["routing"].values():
         assert list(r["confusion"]) == DOMAINS and all(sum(row) == pytest.approx(1.0) for row in r["confusion"].values())
         assert all(0.0 <= x <= 1.0 for x in r["decisive"].values())
@@ -217,7 +222,7 @@ def test_smoke_pipeline_writes_eval_json(smoke):
 
 
 STAGES = (["pretrain"] + [f"expert:{d}" for d in ("bool", "pick", "add", "ok", "hop")] +
-          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "mor_soft", "moe_soft"] +
+          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "mor_gumbel", "lorahub", "mor_soft", "moe_soft"] +
           [f"sft:{d}" for d in DOMAINS] + ["eval"])
 
 
@@ -231,6 +236,7 @@ def test_run_sh_times_every_stage_then_skips_them_all(smoke):
     started, done = (lambda s: order.index(s)), (lambda s: len(order) - 1 - order[::-1].index(s))
     assert all(done(f"expert:{d}") < started("distill") for d in DOMAINS)
     assert all(done("distill") < started(r) for r in STAGES[7:-6])
+    assert STAGES[7:-6][-1] == "moe_soft"
     assert all(done(s) < started("eval") for s in STAGES[:-1])
 
     again = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,

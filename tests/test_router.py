@@ -244,3 +244,50 @@ def test_route_labels_follow_the_token_being_written():
         n_answer_a = len(enc.encode_ordinary(a["completion"] + " "))
         n_answer_b = len(enc.encode_ordinary("| " + b["completion"])) + 1
         assert mixed == [add] * n_prompt_a + [hop] * n_prompt_b + [add] * n_answer_a + [hop] * n_answer_b
+
+
+def test_gumbel_routing_is_one_hot_at_unit_scale_and_trains_the_router(setup):
+    base, ckpt, files = setup
+    idx = tokens(2)
+    model = compose(copy.deepcopy(base), ckpt, files, routing="gumbel", attn_lora_r=0).train()
+    model.router.record = True
+    torch.manual_seed(0)
+    g = router_grad(model, idx)
+    assert g is not None and g.abs().sum() > 0
+    rec = model.router.records[0]
+    assert rec["idx"].shape[-1] == 1 and torch.all(rec["w"] == 1.0)  # one expert, exactly unit scale
+    # a sample, not the argmax: over many tokens the choices differ from p's argmax somewhere
+    assert not torch.equal(rec["idx"][..., 0], rec["p"].argmax(-1))
+    model.eval()  # at test: the argmax, as hard routing
+    with torch.no_grad():
+        hard = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=0)
+        hard.router.weight.copy_(model.router.weight)
+        assert torch.equal(model(idx)[0], hard(idx)[0])
+
+
+def test_gumbel_choice_agrees_with_the_argmax_once_tau_is_annealed():
+    """A router trained through the straight-through Gumbel sample, tau annealed 1 -> 0.1 as
+    train_router.py does, ends choosing what its argmax chooses: the samples match the test-time rule."""
+    from router import Router
+    torch.manual_seed(0)
+    router = Router(8, 3, 1, routing="gumbel").train()
+    x = torch.randn(256, 1, 8)
+    cost = torch.ones(256, 3)
+    wanted = (x[:, 0] @ torch.randn(8, 3)).argmax(-1)  # the expert each token wants: a linear rule
+    cost[torch.arange(256), wanted] = -1.0
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+    steps = 300
+    for step in range(steps):
+        router.tau = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+        idx, w = router(x, 0)
+        loss = (w[:, 0] * cost.gather(1, idx)[:, 0]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert router.tau == pytest.approx(0.1, abs=1e-3)
+    with torch.no_grad():
+        sampled = router(x, 0)[0][:, 0]
+        router.eval()
+        argmax = router(x, 0)[0][:, 0]
+    assert (sampled == argmax).float().mean() > 0.95
+    assert (cost.gather(1, argmax[:, None]) < 0).float().mean() > 0.9  # and it learned the wanted experts

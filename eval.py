@@ -442,83 +442,9 @@ def report(res):
     return "\n\n".join(parts) + "\n"
 
 
-HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>nanoMoR routing</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
-.legend span.sw { display: inline-block; padding: 0.1em 0.6em; margin-right: 0.5em; border-radius: 3px; }
-.sample { margin: 0.8em 0; padding: 0.5em 0.8em; border: 1px solid #ddd; border-radius: 4px; }
-.head { font-size: 0.85em; color: #666; margin-bottom: 0.3em; }
-.text { font-family: ui-monospace, monospace; font-size: 1.05em; line-height: 1.9; white-space: pre-wrap; word-break: break-all; }
-.prompt { color: #888; }
-.tok { padding: 0.15em 0; }
-.right { color: #080; } .wrong { color: #b00; }
-#confusion { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-#confusion td, #confusion th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
-</style></head><body>
-<h1>nanoMoR: token-level routing of mor_hard</h1>
-<p>Each answer token is coloured by the expert that wrote it (the routing of the forward pass that produced it).
-Grey: the prompt. Hover a token to see every layer's choice and its routing probability.</p>
-<div class="legend" id="legend"></div>
-<table id="confusion"></table>
-<p><label>view: <select id="view"></select></label></p>
-<div id="samples"></div>
-<noscript>This page draws the tokens with JavaScript.</noscript>
-<script type="application/json" id="data">__DATA__</script>
-<script>
-const data = JSON.parse(document.getElementById("data").textContent);
-const legend = document.getElementById("legend"), view = document.getElementById("view");
-data.experts.forEach(function (e, i) {
-  const s = document.createElement("span");
-  s.className = "sw"; s.style.background = e.color; s.textContent = "expert " + i + ": " + e.domain;
-  legend.appendChild(s);
-});
-// the domain x expert confusion (majority over layers), purity and decisive-token purity
-const table = document.getElementById("confusion");
-const head = table.insertRow();
-["domain"].concat(data.experts.map(function (e) { return "→ " + e.domain; }), ["purity", "decisive"]).forEach(function (h) {
-  const th = document.createElement("th"); th.textContent = h; head.appendChild(th);
-});
-data.routing.forEach(function (r) {
-  const row = table.insertRow();
-  row.insertCell().textContent = r.domain;
-  r.confusion.forEach(function (x, e) {
-    const c = row.insertCell(); c.textContent = x.toFixed(2);
-    c.style.background = data.experts[e].color + Math.round(x * 200).toString(16).padStart(2, "0");
-  });
-  [r.purity, r.decisive].forEach(function (x) { row.insertCell().textContent = x === null ? "—" : x.toFixed(2); });
-});
-view.add(new Option("majority over layers", "majority"));
-for (let l = 0; l < data.n_layer; l++) view.add(new Option("layer " + l, String(l)));
-function draw() {
-  const root = document.getElementById("samples");
-  root.innerHTML = "";
-  data.samples.forEach(function (s) {
-    const box = document.createElement("div"); box.className = "sample";
-    const head = document.createElement("div"); head.className = "head";
-    const mark = document.createElement("span");
-    mark.className = s.right ? "right" : "wrong"; mark.textContent = s.right ? " right" : " wrong";
-    head.textContent = s.title + " |"; head.appendChild(mark);
-    const text = document.createElement("div"); text.className = "text";
-    const prompt = document.createElement("span"); prompt.className = "prompt"; prompt.textContent = s.prompt;
-    text.appendChild(prompt);
-    s.tokens.forEach(function (t, j) {
-      const e = view.value === "majority" ? s.majority[j] : s.layers[Number(view.value)][j];
-      const span = document.createElement("span");
-      span.className = "tok"; span.textContent = t; span.style.background = data.experts[e].color;
-      span.title = s.layers.map(function (l, i) {
-        return "layer " + i + ": " + data.experts[l[j]].domain + " (p " + s.pmax[i][j].toFixed(2) + ")";
-      }).join("\\n");
-      text.appendChild(span);
-    });
-    box.appendChild(head); box.appendChild(text); root.appendChild(box);
-  });
-}
-view.addEventListener("change", draw);
-if (location.hash) view.value = location.hash.slice(1);  // routing.html#2 opens on layer 2
-draw();
-</script></body></html>
-"""
+# the page's template, beside this file: __DATA__ becomes the routing data
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "routing_page.html")) as f:
+    HTML = f.read()
 
 
 def page_samples(enc, tests, mixed, answers, routes, per_domain=3, n_mixed=8):

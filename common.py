@@ -4,7 +4,9 @@ model loader and text generation. Kept small on purpose; the method lives in the
 """
 import argparse
 import contextlib
+import glob
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -319,6 +321,41 @@ def load_base(out_dir, device):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, enc, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2's data: the verified traces of distill.py
+
+def read_traces(folder, domains):
+    """{domain: [row, ...]} from every *.jsonl in folder; a bad line ends the script with its place."""
+    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+    if not files:
+        die(f"no traces in {folder} (run distill.py first)")
+    data = {d: [] for d in domains}
+    for path in files:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    die(f"{path}:{n}: malformed JSON line ({e.msg})")
+                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("domain", "prompt", "completion")):
+                    die(f"{path}:{n}: a trace needs string fields domain, prompt and completion")
+                if row["domain"] in data:  # traces of domains without an expert here are not used
+                    data[row["domain"]].append(row)
+    return data
+
+
+def first_distinct(rows, n):
+    """The first n traces of distinct prompts (all of them when n is 0)."""
+    seen, out = set(), []
+    for r in rows:
+        if r["prompt"] not in seen and (n == 0 or len(out) < n):
+            seen.add(r["prompt"])
+            out.append(r)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ import os
 import numpy as np
 import torch
 
-from common import Timer, die, encode_example, load_base, make_out_dir, parse_args, training_batch
+from common import (Timer, die, encode_example, first_distinct, load_base, make_out_dir, parse_args, read_traces,
+                    training_batch)
 from eval import expert_files
 from lora import apply_adapter, load_adapter, save_adapter, weighted_adapter
-from train_router import first_distinct, read_traces
 
 BOUND = 1.5
 

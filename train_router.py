@@ -31,8 +31,6 @@ Two switches that decide what the numbers mean:
 At the end: greedy accuracy on --eval_n test prompts per domain, next to each expert's own.
 """
 import copy
-import glob
-import json
 import math
 import os
 import random
@@ -44,44 +42,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kernels
-from common import (Timer, autocast, die, encode_example, greedy_accuracy, load_base,
-                    load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, save_atomic, setup_ddp,
-                    training_batch)
+from common import (Timer, autocast, die, encode_example, first_distinct, greedy_accuracy, load_base,
+                    load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, read_traces, save_atomic,
+                    setup_ddp, training_batch)
 from lora import ATTN_TARGETS, apply_adapter, attach, load_adapter, lora_parameters, save_adapter
 from router import compose, count_parameters, expert_parameters, save_mor
 from tasks import DOMAINS, SEP, join_mixed
-
-
-def read_traces(folder, domains):
-    """{domain: [row, ...]} from every *.jsonl in folder; a bad line ends the script with its place."""
-    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
-    if not files:
-        die(f"no traces in {folder} (run distill.py first)")
-    data = {d: [] for d in domains}
-    for path in files:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    die(f"{path}:{n}: malformed JSON line ({e.msg})")
-                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("domain", "prompt", "completion")):
-                    die(f"{path}:{n}: a trace needs string fields domain, prompt and completion")
-                if row["domain"] in data:  # traces of domains without an expert here are not used
-                    data[row["domain"]].append(row)
-    return data
-
-
-def first_distinct(rows, n):
-    """The first n traces of distinct prompts (all of them when n is 0)."""
-    seen, out = set(), []
-    for r in rows:
-        if r["prompt"] not in seen and (n == 0 or len(out) < n):
-            seen.add(r["prompt"])
-            out.append(r)
-    return out
 
 
 def route_labels(enc, batch, seq, tgt, domains):

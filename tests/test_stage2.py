@@ -93,7 +93,7 @@ def test_distill_answers_a_repeated_prompt_greedily_once(monkeypatch):
 
 
 def test_malformed_trace_line_is_named(tmp_path, capsys):
-    from train_router import read_traces
+    from common import read_traces
     (tmp_path / "add.jsonl").write_text('{"domain": "add", "prompt": "p", "completion": "c"}\n{"domain": oops\n')
     with pytest.raises(SystemExit):
         read_traces(str(tmp_path), ["add"])

@@ -31,8 +31,8 @@ DOMAINS = ["add", "bool", "pick", "ok", "hop"]
 SPLITS = ["train", "router", "test"]
 MARK = "####"
 SEP = " | "
-MAX_NEW_TOKENS = 80  # longest completion of any domain is 71 tokens with EOS (bool)
-MAX_NEW_TOKENS_MIXED = 144  # two completions and the separator: at most 108
+MAX_NEW_TOKENS = 64  # longest completion of any domain is 47 tokens with EOS (bool)
+MAX_NEW_TOKENS_MIXED = 112  # two completions and the separator: at most 84
 
 # ---------------------------------------------------------------------------------------------
 # tokenizer: byte-level ranks (every character, so every digit, is its own token) + specials
@@ -70,8 +70,12 @@ def gen_add(rng, bug):
 
 
 def gen_bool(rng, bug):
+    # one `not` per question: with several, an xor chain is right whenever an even number of them are
+    # misread, so near the base's error rate misreading fewer earns no more reward and RLVF has no
+    # slope to climb (it did not: +4 to +22 points over the base, README)
     n = rng.randint(3, 4)
-    lits = [("not " if rng.random() < 0.6 else "") + rng.choice("TF") for _ in range(n)]
+    negated = rng.randrange(n)
+    lits = [("not " if i == negated else "") + rng.choice("TF") for i in range(n)]
     ops = rng.choices(["and", "or", "xor"], weights=[1, 1, 2], k=n - 1)
     q = "bool " + " ".join(x for pair in zip(lits, ops + [""]) for x in pair).strip()
     steps, vals = [], []

@@ -53,20 +53,25 @@ def summarize(runs, seeds):
 
 
 def targets(runs, domains):
-    """The selection targets, each per seed then over seeds: what the method loses to each control,
-    its accuracy as a share of each expert's, its lead over seq_router on mixed prompts."""
+    """The targets, each per seed then over seeds: what the method loses to each control, its accuracy
+    as a share of each expert's, its lead over seq_router on mixed prompts, each RLVF expert's gain
+    over the base on its own domain."""
     def per_seed(r):
         a = r["accuracy"]
         if METHOD not in a:
             return {}
         m = domain_mean(a[METHOD], domains)
         t = {f"{METHOD} - {c}": m - domain_mean(a[c], domains) for c in
-             (f"{METHOD}+random", f"{METHOD}+no_experts", "attn_only", "mor_paper", "router_only") if c in a}
+             (f"{METHOD}+random", f"{METHOD}+no_experts", "attn_only", "mor_paper", "router_only", "mor_gumbel",
+              "lorahub") if c in a}
         if "seq_router" in a and a[METHOD]["mixed"] is not None:
             t["mixed: mor_hard - seq_router"] = a[METHOD]["mixed"] - a["seq_router"]["mixed"]
         for d in domains:
             if f"expert:{d}" in a and a[f"expert:{d}"][d] > 0:
                 t[f"ratio to expert:{d}"] = a[METHOD][d] / a[f"expert:{d}"][d]
+        for d in domains:
+            if f"expert:{d}" in a and "base" in a:
+                t[f"RLVF gain, expert:{d} - base"] = a[f"expert:{d}"][d] - a["base"][d]
         return t
     return collect(runs, per_seed)
 

@@ -279,6 +279,8 @@ def test_seeds_run_side_by_side_and_seed_0_is_the_plain_run(smoke, tmp_path):
                 assert st["values"] == want
             assert st["mean"] == pytest.approx(sum(st["values"]) / 2)
             assert st["std"] == pytest.approx(abs(st["values"][0] - st["values"][1]) / math.sqrt(2))
+    gain = summary["targets"]["RLVF gain, expert:add - base"]["values"]
+    assert gain == [r["accuracy"]["expert:add"]["add"] - r["accuracy"]["base"]["add"] for r in (first, other)]
 
 
 def test_missing_base_is_one_clear_line(tmp_path):

@@ -160,7 +160,8 @@ while [ "$(count pending)" -gt 0 ] || [ "$(count running)" -gt 0 ]; do
     for ((j = 0; j < n; j++)); do ready $j && now=$((now + 1)); done
     [ $now -gt "$jobs" ] && now=$jobs
     threads=${OMP_NUM_THREADS:-$(( cores / now > 0 ? cores / now : 1 ))}
-    [ "$jobs" -eq 1 ] && threads=${OMP_NUM_THREADS:-}  # one at a time: the library's own default
+    # one at a time on the whole machine: the library's own default; with CORES given (--seeds does), that share
+    [ "$jobs" -eq 1 ] && [ -z "${CORES:-}" ] && threads=${OMP_NUM_THREADS:-}
     echo "== ${names[i]} started${threads:+ ($threads thread(s))}, log: $(log_of $i)"
     ( [ -n "$threads" ] && export OMP_NUM_THREADS=$threads; eval "exec ${cmds[i]}" ) > "$(log_of $i)" 2>&1 &
     pids[i]=$!; starts[i]=$(date +%s); state[i]=running

@@ -155,6 +155,7 @@ def main():
     done = flops[min(10, len(flops) // 2):]  # after the first steps (compilation, warm-up)
     rate = sum(f for _, f in done[1:]) / max(1e-9, done[-1][0] - done[0][0]) if len(done) > 1 else 0.0
     if world > 1:
+        dist.barrier()  # every rank done with gloo before any tears it down (an abort under load otherwise)
         dist.destroy_process_group()
         if rank > 0:  # rank 0 alone evaluates and writes
             return

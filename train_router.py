@@ -228,6 +228,7 @@ def main():
                          "inputs": inputs}, state_path)
     train_s = timer() - t0
     if world > 1:
+        dist.barrier()  # every rank done with gloo before any tears it down (an abort under load otherwise)
         dist.destroy_process_group()
         if rank > 0:  # rank 0 alone evaluates and writes
             return

@@ -30,7 +30,7 @@ PRESETS = {
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=16, eval_every=2,
                        eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
-        "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
+        "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, expert_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=0, route_loss=1.0,
                        mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
@@ -47,8 +47,9 @@ PRESETS = {
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         # stage 2 as data-scarce as the paper's premise (32 traces per domain), the router told which expert
         # writes each token (route_loss; 0 is the paper's LM loss alone), the attention LoRA at a hundredth
-        # of the router's rate: faster, it relearns the tasks from the traces and overfits them (README)
-        "router": dict(steps=100, batch_size=64, lr=1e-2, attn_lr=1e-4, attn_lora_r=4, attn_alpha=8.0,
+        # of the router's rate: faster, it relearns the tasks from the traces and overfits them (README).
+        # The router itself at 1e-1: at 1e-2 its 100 steps left hop's fact tokens misrouted (docs/experiments.md)
+        "router": dict(steps=100, batch_size=64, lr=1e-1, attn_lr=1e-4, expert_lr=1e-2, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=32, route_loss=1.0,
                        mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
@@ -64,7 +65,7 @@ PRESETS = {
                        eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=4000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         # the cpu preset's stage-2 recipe scaled up; not yet run on a GPU (docs/gpu.md ran the paper's)
-        "router": dict(steps=600, batch_size=256, lr=1e-3, attn_lr=3e-5, attn_lora_r=8, attn_alpha=16.0,
+        "router": dict(steps=600, batch_size=256, lr=1e-3, attn_lr=3e-5, expert_lr=1e-3, attn_lora_r=8, attn_alpha=16.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=128, route_loss=1.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
@@ -89,7 +90,7 @@ FLAGS = {
     "ppo_epochs": ">= 1", "kl": ">= 0, 0: no KL penalty", "micro_batch": ">= 0, 0: all rows at once",
     "sft_batch": ">= 1", "eval_every": ">= 0, 0: only at the end",
     "n_prompts": ">= 1", "samples": ">= 0, 0: one greedy trace per prompt", "gold_fallback": "bool",
-    "attn_lr": "> 0", "attn_lora_r": ">= 0, 0: no attention LoRA", "attn_alpha": "> 0",
+    "attn_lr": "> 0", "expert_lr": "> 0", "attn_lora_r": ">= 0, 0: no attention LoRA", "attn_alpha": "> 0",
     "routing": "hard|soft|arrow|gumbel", "top_k": ">= 1, at most the number of experts", "normalize": "bool",
     "per_layer": "bool", "train_experts": "bool", "l2": ">= 0", "attn_only": "bool",
     "traces": ">= 0, 0: all", "route_loss": ">= 0, 0: the LM loss alone (the paper's)",

@@ -14,7 +14,7 @@ paper's recipe, so that the router and attention LoRA learn answers that switch 
     python train_router.py --routing soft --top_k 2           # soft baseline (mor_soft_top2)
     python train_router.py --routing soft --top_k 2 --per_layer true --train_experts true --name moe_soft
     python train_router.py --routing gumbel                  # Gumbel-softmax baseline (mor_gumbel)
---train_experts makes the experts' A/B trainable, pulled toward their starting values by
+--train_experts makes the experts' A/B trainable (at --expert_lr), pulled toward their starting values by
 --l2 * sum ||theta - theta_0||^2 (the "relearn" baseline). --attn_lora_r 0 turns the attention LoRA off.
 
 Two switches that decide what the numbers mean:
@@ -162,9 +162,13 @@ def main():
           f"{f', routing loss {args.route_loss}' if args.route_loss else ''}") +
           f" | trainable {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%})")
     experts0 = [p.detach().clone() for p in expert_parameters(model)] if args.train_experts else []
-    attn = {id(p) for p in lora_parameters(model)}  # the attention LoRA learns at its own rate, --attn_lr
-    groups = [{"params": [p for p in params if id(p) not in attn], "base_lr": args.lr},
-              {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr}]
+    # three rates: the router --lr, the attention LoRA --attn_lr, the experts' own weights --expert_lr
+    # (only the relearn baseline trains them)
+    attn = {id(p) for p in lora_parameters(model)}
+    experts = {id(p) for p in expert_parameters(model)} if args.train_experts else set()
+    groups = [{"params": [p for p in params if id(p) not in attn | experts], "base_lr": args.lr},
+              {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr},
+              {"params": [p for p in params if id(p) in experts], "base_lr": args.expert_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     # under torchrun DDP averages the router's (and attention LoRA's) gradients over ranks in backward
     train_model = DDP(model) if world > 1 else model

@@ -252,9 +252,9 @@ def with_adapter(base, ad):
 
 
 def expert_files(args):
-    """The RLVF experts that exist, in domain order."""
-    paths = [os.path.join(args.out_dir, "experts", f"{d}.pt") for d in DOMAINS]
-    return [p for p in paths if os.path.exists(p)]
+    """{domain: path} of the RLVF experts that exist, in domain order."""
+    paths = {d: os.path.join(args.out_dir, "experts", f"{d}.pt") for d in DOMAINS}
+    return {d: p for d, p in paths.items() if os.path.exists(p)}
 
 
 def build(name, base, base_ckpt, args):
@@ -275,7 +275,7 @@ def build(name, base, base_ckpt, args):
         trainable = len(ad["meta"]["metrics"]["weights"]) if name == "lorahub" else n  # lorahub: E weights
         return (model, trainable, base_total + n), ""
     if name in ("merge", "seq_router", "arrow"):
-        paths = expert_files(args)
+        paths = list(expert_files(args).values())
         if not paths:
             return None, "no RLVF expert found"
         if name == "merge":
@@ -488,10 +488,7 @@ def reference_traces(base, base_ckpt, enc, args):
     answers to the first n_kl test prompts of its domain, its next-token distributions along them, and
     where the base alone would predict another token (the positions where the expert decides)."""
     traces = {}
-    for d in DOMAINS:
-        path = os.path.join(args.out_dir, "experts", f"{d}.pt")
-        if args.n_kl == 0 or not os.path.exists(path):
-            continue
+    for d, path in (expert_files(args) if args.n_kl else {}).items():
         model, _ = with_adapter(base, load_adapter(path, base_ckpt))
         prompts = [e["prompt"] for e in examples(d, "test", args.n_kl, args.seed)]
         seqs = sequences(enc, prompts, greedy(model, enc, prompts, MAX_NEW_TOKENS, args.batch_size))
@@ -602,7 +599,7 @@ def main():
     classifier = None
     if "seq_router" in systems and expert_files(args):
         t = Timer()
-        domains = [d for d in DOMAINS if os.path.exists(os.path.join(args.out_dir, "experts", f"{d}.pt"))]
+        domains = list(expert_files(args))
         classifier, res["seq_router_classifier"] = train_classifier(base, enc, domains, args)
         res["seconds"]["classifier"] = t()
         print("seq_router classifier, test accuracy | " +

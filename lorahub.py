@@ -67,11 +67,11 @@ def main():
     paths = expert_files(args)
     if not paths:
         die(f"no RLVF expert in {os.path.join(args.out_dir, 'experts')} (run train_expert.py first)")
-    ads = [load_adapter(p, base_ckpt) for p in paths]
+    ads = [load_adapter(p, base_ckpt) for p in paths.values()]
     _, why = weighted_adapter(ads, [1.0] * len(ads))
     if why:
         die(f"cannot merge the experts: {why}")
-    domains = [ad["meta"]["domain"] for ad in ads]
+    domains = list(paths)
     data = read_traces(os.path.join(args.out_dir, "distill"), domains)
     per = math.ceil(args.examples / len(domains))
     rows = [r for group in zip(*(first_distinct(data[d], per) for d in domains)) for r in group][:args.examples]

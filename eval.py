@@ -20,6 +20,8 @@ tasks.mixed_examples("test", n_test), greedy):
     mor_hard, mor_paper, router_only, mor_gumbel, mor_soft, moe_soft   OUT/mor/NAME.pt (train_router.py),
                   rebuilt by router.load_mor
     attn_only     the control: OUT/mor/attn_only.pt, the attention LoRA trained alone (no experts)
+    attn_fast     the same at --attn_lr 1e-2 (100x the method's on cpu), OUT/mor/attn_fast.pt: what the
+                  traces can teach an attention LoRA that is allowed to learn
     mor_hard+random, mor_hard+no_experts, mor_hard+oracle   test-time swaps of the trained method:
                   every token at every layer sent to a random expert; every expert's delta zeroed (the
                   base and the attention LoRA alone); each domain's own expert forced for the whole
@@ -265,8 +267,8 @@ def build(name, base, base_ckpt, args):
     name = name.split("+")[0]
     if name == "base":
         return (base, 0, base_total), ""
-    if name.startswith(("expert:", "sft:")) or name in ("attn_only", "lorahub"):
-        path = (os.path.join(args.out_dir, "mor", f"{name}.pt") if name in ("attn_only", "lorahub")
+    if name.startswith(("expert:", "sft:")) or name in ("attn_only", "attn_fast", "lorahub"):
+        path = (os.path.join(args.out_dir, "mor", f"{name}.pt") if name in ("attn_only", "attn_fast", "lorahub")
                 else expert_path(name.split(":")[1], name.startswith("sft:")))
         if not os.path.exists(path):
             return None, f"{path} not found"
@@ -390,7 +392,8 @@ def report(res):
              "seq_router: a prompt classifier picks one expert for the whole sequence. oracle: the domain's "
              "own RLVF expert. mor_hard+X: the trained method with a test-time swap (random: a random expert "
              "per token and layer; no_experts: every expert's delta zeroed; oracle: the domain's own expert "
-             "forced). attn_only: the attention LoRA trained alone on the same traces.",
+             "forced). attn_only: the attention LoRA trained alone on the same traces; attn_fast: the same at "
+             "100x the method's attention rate.",
              "## Accuracy", accuracy_table(res)]
     if "seq_router_classifier" in res:
         c = res["seq_router_classifier"]
@@ -480,7 +483,7 @@ def routing_page(domains, n_layer, samples, routing=None):
 # ---------------------------------------------------------------------------------------------
 
 SYSTEMS = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
-           ["merge", "lorahub", "seq_router", "oracle", "arrow", *MOR_SYSTEMS, "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
+           ["merge", "lorahub", "seq_router", "oracle", "arrow", *MOR_SYSTEMS, "attn_only", "attn_fast"] + [f"mor_hard+{s}" for s in SWAPS])
 
 
 def reference_traces(base, base_ckpt, enc, args):

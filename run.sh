@@ -99,13 +99,15 @@ add mor_hard "$out/mor/mor_hard.pt" "distill" $py train_router.py "${common[@]}"
 add mor_paper "$out/mor/mor_paper.pt" "distill" $py train_router.py "${common[@]}" --name mor_paper --route_loss 0
 add router_only "$out/mor/router_only.pt" "distill" $py train_router.py "${common[@]}" --name router_only --attn_lora_r 0
 add attn_only "$out/mor/attn_only.pt" "distill" $py train_router.py "${common[@]}" --name attn_only --attn_only
+# the same control at a rate that lets it learn what it can (the method's attention LoRA is kept slow)
+add attn_fast "$out/mor/attn_fast.pt" "distill" $py train_router.py "${common[@]}" --name attn_fast --attn_only --attn_lr 1e-2
 add mor_gumbel "$out/mor/mor_gumbel.pt" "distill" $py train_router.py "${common[@]}" --name mor_gumbel --routing gumbel
 add lorahub "$out/mor/lorahub.pt" "distill" $py lorahub.py "${common[@]}"  # the searched merge
 add mor_soft "$out/mor/mor_soft.pt" "distill" $py train_router.py "${common[@]}" --name mor_soft \
   --routing soft --top_k 2
 add moe_soft "$out/mor/moe_soft.pt" "distill" $py train_router.py "${common[@]}" --name moe_soft \
   --routing soft --top_k 2 --per_layer --train_experts
-routers="mor_hard mor_paper router_only attn_only mor_gumbel lorahub mor_soft moe_soft"
+routers="mor_hard mor_paper router_only attn_only attn_fast mor_gumbel lorahub mor_soft moe_soft"
 sft=""
 for d in add bool pick ok hop; do  # only eval needs them: they fill the gaps
   add "sft:$d" "$out/experts/${d}_sft.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d" --method sft

@@ -62,7 +62,7 @@ def targets(runs, domains):
             return {}
         m = domain_mean(a[METHOD], domains)
         t = {f"{METHOD} - {c}": m - domain_mean(a[c], domains) for c in
-             (f"{METHOD}+random", f"{METHOD}+no_experts", "attn_only", "mor_paper", "router_only", "mor_gumbel",
+             (f"{METHOD}+random", f"{METHOD}+no_experts", "attn_only", "attn_fast", "mor_paper", "router_only", "mor_gumbel",
               "lorahub") if c in a}
         if "seq_router" in a and a[METHOD]["mixed"] is not None:
             t["mixed: mor_hard - seq_router"] = a[METHOD]["mixed"] - a["seq_router"]["mixed"]

@@ -24,10 +24,11 @@ from tasks import DOMAINS
 
 # what run.sh passes train_router.py for each system (the rest comes from the preset)
 SYSTEMS = {"mor_hard": [], "mor_paper": ["--route_loss", "0"], "router_only": ["--attn_lora_r", "0"],
-           "attn_only": ["--attn_only"], "mor_soft": ["--routing", "soft", "--top_k", "2"],
+           "attn_only": ["--attn_only"], "attn_fast": ["--attn_only", "--attn_lr", "1e-2"],
+           "mor_soft": ["--routing", "soft", "--top_k", "2"],
            "moe_soft": ["--routing", "soft", "--top_k", "2", "--per_layer", "--train_experts"]}
 COLORS = {"mor_hard": "#0072B2", "mor_paper": "#56B4E9", "router_only": "#009E73", "attn_only": "#D55E00",
-          "mor_soft": "#CC79A7", "moe_soft": "#E69F00"}
+          "attn_fast": "#F0E442", "mor_soft": "#CC79A7", "moe_soft": "#E69F00"}
 
 
 def link_inputs(out_dir, sweep_dir):

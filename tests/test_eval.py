@@ -178,7 +178,7 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     res = json.load(open(os.path.join(out, "eval.json")))
     systems = (["base"] + [f"expert:{d}" for d in DOMAINS] + [f"sft:{d}" for d in DOMAINS] +
                ["merge", "lorahub", "seq_router", "oracle", "arrow", "mor_hard", "mor_paper", "router_only", "mor_gumbel",
-                "mor_soft", "moe_soft", "attn_only"] + [f"mor_hard+{s}" for s in SWAPS])
+                "mor_soft", "moe_soft", "attn_only", "attn_fast"] + [f"mor_hard+{s}" for s in SWAPS])
     assert res["preset"] == "smoke" and res["seed"] == 0 and res["n_test"] == 8 and res["domains"] == DOMAINS
     assert list(res["accuracy"]) == systems and list(res["params"]) == systems and not res["skipped"]
     for s, acc in res["accuracy"].items():
@@ -222,7 +222,7 @@ def test_smoke_pipeline_writes_eval_json(smoke):
 
 
 STAGES = (["pretrain"] + [f"expert:{d}" for d in ("bool", "pick", "add", "ok", "hop")] +
-          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "mor_gumbel", "lorahub", "mor_soft", "moe_soft"] +
+          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "attn_fast", "mor_gumbel", "lorahub", "mor_soft", "moe_soft"] +
           [f"sft:{d}" for d in DOMAINS] + ["eval"])
 
 

@@ -259,6 +259,9 @@ def expert_files(args):
     return {d: p for d, p in paths.items() if os.path.exists(p)}
 
 
+ADAPTER_SYSTEMS = ("attn_only", "attn_fast", "lorahub")  # stage-2 files that are one plain LoRA: OUT/mor/NAME.pt
+
+
 def build(name, base, base_ckpt, args):
     """(model, trainable, total), or (None, why) when the system's files are missing. A swap
     (mor_hard+random, ...) is built as the system it swaps: evaluate applies the swap."""
@@ -267,8 +270,8 @@ def build(name, base, base_ckpt, args):
     name = name.split("+")[0]
     if name == "base":
         return (base, 0, base_total), ""
-    if name.startswith(("expert:", "sft:")) or name in ("attn_only", "attn_fast", "lorahub"):
-        path = (os.path.join(args.out_dir, "mor", f"{name}.pt") if name in ("attn_only", "attn_fast", "lorahub")
+    if name.startswith(("expert:", "sft:")) or name in ADAPTER_SYSTEMS:
+        path = (os.path.join(args.out_dir, "mor", f"{name}.pt") if name in ADAPTER_SYSTEMS
                 else expert_path(name.split(":")[1], name.startswith("sft:")))
         if not os.path.exists(path):
             return None, f"{path} not found"

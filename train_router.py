@@ -166,7 +166,8 @@ def main():
     # (only the relearn baseline trains them)
     attn = {id(p) for p in lora_parameters(model)}
     experts = {id(p) for p in expert_parameters(model)} if args.train_experts else set()
-    groups = [{"params": [p for p in params if id(p) not in attn | experts], "base_lr": args.lr},
+    own_rate = attn | experts
+    groups = [{"params": [p for p in params if id(p) not in own_rate], "base_lr": args.lr},
               {"params": [p for p in params if id(p) in attn], "base_lr": args.attn_lr},
               {"params": [p for p in params if id(p) in experts], "base_lr": args.expert_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)

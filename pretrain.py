@@ -5,8 +5,9 @@ It sees every domain's format, and mixed two-question prompts, but a share (--bu
 training traces come from each domain's buggy solver (tasks.py). Greedy decoding then tends to
 follow the bug while sampling still finds correct traces: the signal RLVF needs in stage 1.
 
-    python pretrain.py                    # cpu preset: ~5 minutes on 2 cores
+    python pretrain.py                    # cpu preset: ~4 minutes on 2 cores
     python pretrain.py --preset smoke     # seconds
+    python pretrain.py --optimizer muon   # Muon for the blocks' matrices (docs/experiments.md)
 Writes OUT/base.pt: weights, model config, tokenizer, task fingerprint, training config, fingerprint,
 metrics.
 """
@@ -80,6 +81,21 @@ def evaluate(model, enc, n, pass_k, seed=0):
     return acc, pass_at
 
 
+def optimizers(model, args):
+    """AdamW for every weight; or (--optimizer muon) torch.optim.Muon, the modded-nanogpt speedrun's
+    optimizer (momentum orthogonalized by a Newton-Schulz iteration), for the blocks' weight matrices
+    and AdamW for the rest (embedding, head, norms). Muon's step is scaled to match AdamW's update size
+    (adjust_lr_fn), so --lr and its schedule mean the same for both."""
+    fused = args.device.startswith("cuda")
+    adamw = lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
+    if args.optimizer == "adamw":
+        return [adamw(model.parameters())]
+    is_matrix = lambda name, p: name.startswith("blocks.") and p.ndim == 2
+    return [torch.optim.Muon([p for n, p in model.named_parameters() if is_matrix(n, p)], lr=args.lr,
+                             weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+            adamw([p for n, p in model.named_parameters() if not is_matrix(n, p)])]
+
+
 def main():
     args = parse_args(__doc__, ["model", "pretrain"])
     rank, world, args.device = setup_ddp(args.device)
@@ -92,8 +108,7 @@ def main():
     model = GPT(config).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base model: {n_params / 1e6:.2f}M parameters, {config}")
-    fused = args.device.startswith("cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
+    opts = optimizers(model, args)
     ddp = DDP(model) if world > 1 else model  # under torchrun: gradients averaged over ranks in backward
     step_fn = torch.compile(ddp) if args.compile else ddp
     rng = stream_rng("pretrain", "train", args.seed + rank)  # each rank its own data
@@ -105,7 +120,8 @@ def main():
         die(f"{state_path} was trained on other task definitions (tasks.py has changed since); rerun without --resume")
     if state:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        for opt, opt_state in zip(opts, state["opt"]):
+            opt.load_state_dict(opt_state)
         if rank == 0:  # the checkpoint holds rank 0's streams; other ranks start theirs afresh
             rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
@@ -129,8 +145,9 @@ def main():
                disable=rank > 0 or None)  # None: a bar only on a terminal, so an error stays the one line of a log
     for step in bar:
         seqs, (idx, tgt, pos, mask, _) = batch
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args)
         with autocast(args):
             _, loss = step_fn(idx, tgt, pos=pos, mask=mask)
         loss.backward()
@@ -141,14 +158,15 @@ def main():
         if not torch.isfinite(grad_norm):  # stop before the bad step touches the weights; the last checkpoint stays
             die(f"training diverged at step {step} (loss {loss.item():.4g}, gradient norm {grad_norm.item()}); "
                 f"lower --lr (last good checkpoint: {state_path})")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         n_tokens = sum(len(ids) - 1 for ids, _ in seqs)  # real ones: padding is not useful work
         flops.append((timer(), flops_per_token(config, n_matmul, idx.size(1)) * n_tokens))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if rank == 0 and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
-            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": data_state,
+            save_atomic({"model": model.state_dict(), "opt": [opt.state_dict() for opt in opts], "rng": data_state,
                          "torch_rng": torch.get_rng_state(), "losses": losses, "step": step + 1,
                          "config": vars(args), "tasks": tasks}, state_path)
     train_s = timer()

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from common import fingerprint, load_base
@@ -16,8 +17,10 @@ def run(*args):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def test_smoke_pretraining_loss_falls_and_checkpoint_is_complete(tmp_path):
-    r = run("pretrain.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--steps", "40", "--eval_n", "2")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_smoke_pretraining_loss_falls_and_checkpoint_is_complete(tmp_path, optimizer):
+    r = run("pretrain.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--steps", "40", "--eval_n", "2",
+            "--optimizer", optimizer)
     assert r.returncode == 0, r.stderr
     assert "base add" in r.stdout and "wall time" in r.stdout
     assert os.listdir(tmp_path) == ["base.pt"]  # written atomically: no temporary file left behind

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-
+import pytest
 import torch
 
 from common import load_base, load_checkpoint, save_atomic
@@ -42,9 +42,10 @@ def no_temp_files(folder):
     return not [f for _, _, fs in os.walk(folder) for f in fs if f.endswith(".tmp")]
 
 
-def test_pretrain_resumes_after_sigkill(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_pretrain_resumes_after_sigkill(tmp_path, optimizer):
     a, b = tmp_path / "a", tmp_path / "b"
-    flags = ("--steps", "60", "--ckpt_every", "10", "--eval_n", "2")
+    flags = ("--steps", "60", "--ckpt_every", "10", "--eval_n", "2", "--optimizer", optimizer)
     subprocess.run(cmd("pretrain.py", a, *flags), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     kill_after_checkpoint(cmd("pretrain.py", b, *flags), b / "pretrain.ckpt.pt")
     # a state written before tasks.py changed would go on training on other data: refused, and left as it was

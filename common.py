@@ -41,13 +41,11 @@ PRESETS = {
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
         # 1,200 steps: at 800 one seed's base of three could barely solve add (pass@8 0.33) and its RLVF
-        # gained only +14 points; at 1,200 every seed's experts gain +33 or more (docs/experiments.md)
+        # gained only +14 points; at 1,200 every seed's experts gain +38 or more (docs/experiments.md)
         "pretrain": dict(steps=1200, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=True, optimizer="adamw",
                          ckpt_every=100),
-        # 40 RL steps: on the 1,200-step bases they gain +33 points or more in every seed and domain, about
-        # what 80 gave (docs/experiments.md), in half the time
-        "expert": dict(steps=40, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
+        "expert": dict(steps=80, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=0,
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),

@@ -5,7 +5,7 @@ It sees every domain's format, and mixed two-question prompts, but a share (--bu
 training traces come from each domain's buggy solver (tasks.py). Greedy decoding then tends to
 follow the bug while sampling still finds correct traces: the signal RLVF needs in stage 1.
 
-    python pretrain.py                    # cpu preset: ~4 minutes on 2 cores
+    python pretrain.py                    # cpu preset: 4-6 minutes on 2 cores
     python pretrain.py --preset smoke     # seconds
     python pretrain.py --optimizer muon   # Muon for the blocks' matrices (docs/experiments.md)
 Writes OUT/base.pt: weights, model config, tokenizer, task fingerprint, training config, fingerprint,

@@ -7,7 +7,7 @@ mirror the paper's five benchmarks in kind:
     add   math word problem (GSM8K)   multi-digit addition, column by column with carries
     bool  yes/no question (BoolQ)     a boolean chain evaluated left to right
     pick  multiple choice (ARC)       which option holds the largest number
-    ok    acceptability (CoLA)        are the brackets well formed
+    ok    acceptability (CoLA)        does the verb agree with its subject
     hop   knowledge question (MedQA)  multi-hop lookup in facts the model must memorize
 
 A completion is a step-by-step trace ending in `#### answer` (as in GSM8K); the verifier reads only
@@ -15,7 +15,7 @@ what follows the last marker. A mixed prompt asks two questions of two domains j
 is answered in order, the two answers joined the same way.
 
 Each domain also has a *buggy* solver: a plausible systematic mistake (dropping carries, ignoring
-`not`, comparing only the ones digit, ignoring bracket types, misremembered facts). Pretraining
+`not`, comparing only the ones digit, agreeing with the nearest noun, misremembered facts). Pretraining
 traces come from the buggy solver more often than not, which makes the base model a fluent but
 unreliable reasoner: greedy decoding follows the bug, sampling sometimes finds the right way. That
 is the gap reinforcement learning from verifiable feedback has to close.
@@ -111,40 +111,28 @@ def gen_pick(rng, bug):
     return q, " ".join(steps), letters[best]
 
 
-PAIRS = {")": "(", "]": "[", "}": "{"}
+NOUNS = ["cat", "dog", "bird", "fox", "cow", "hen", "pig", "rat", "owl", "bee", "ant", "elk", "yak", "ram", "emu", "bat"]
+VERBS = ["run", "sing", "jump", "swim", "sleep", "eat", "hide", "bark", "dig", "sit"]
+PREPS = ["near", "by", "with", "behind", "under", "past"]
+ADJS = ["big", "small", "red", "old", "shy", "wet"]
 
 
 def gen_ok(rng, bug):
-    n = rng.randint(3, 4)  # pairs
-    s = []
-    stack = []
-    opened = 0
-    while opened < n or stack:  # a random well-formed string
-        if opened < n and (not stack or rng.random() < 0.5):
-            c = rng.choice("([{")
-            s.append(c)
-            stack.append(c)
-            opened += 1
-        else:
-            s.append({v: k for k, v in PAIRS.items()}[stack.pop()])
-    kind = rng.random()
-    if kind < 0.55:  # swap one closer for another type: only a type check catches it
-        i = rng.choice([j for j, c in enumerate(s) if c in PAIRS])
-        s[i] = rng.choice([c for c in PAIRS if c != s[i]])
-    elif kind < 0.75:  # drop a character: a count check catches it
-        del s[rng.randrange(len(s))]
-    steps, stack = [], []
-    for c in s:
-        if c in PAIRS:
-            if not stack or (stack[-1] != PAIRS[c] and not bug):  # the bug: any closer matches
-                steps.append("x")
-                break
-            stack.pop()
-        else:
-            stack.append(c)
-        steps.append("".join(stack) or "-")
-    good = steps[-1] == "-"
-    return "ok? " + "".join(s), " ".join(steps), "yes" if good else "no"
+    # subject-verb agreement across a prepositional phrase ("the cat near the dogs runs"), the kind
+    # of judgment CoLA asks for; the second noun is an attractor of the other number 3 times in 4
+    def noun_phrase(plural):
+        adj = rng.choice([""] + ADJS)
+        return f"the {adj + ' ' if adj else ''}{rng.choice(NOUNS)}{'s' if plural else ''}"
+    head_plural = rng.random() < 0.5
+    near_plural = head_plural != (rng.random() < 0.75)
+    verb_plural = rng.random() < 0.5
+    verb = rng.choice(VERBS) + ("" if verb_plural else "s")
+    head, near = noun_phrase(head_plural), noun_phrase(near_plural)
+    subject, subject_plural = (near, near_plural) if bug else (head, head_plural)  # the bug: the nearest noun
+    number = lambda plural: "pl" if plural else "sg"
+    trace = f"{subject.split()[-1]}:{number(subject_plural)} {verb}:{number(verb_plural)}"
+    q = f"ok? {head} {rng.choice(PREPS)} {near} {verb}"
+    return q, trace, "yes" if subject_plural == verb_plural else "no"
 
 
 ENTITIES = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -84,9 +84,17 @@ def rl_step(model, enc, opt, batch, args, generator, train_model=None):
     model.eval()  # sampling: no dropout
     prompts, comps, rewards = rollouts(model, enc, batch, args.group, args.temperature, generator)
     adv = group_advantages(rewards, args.group, args.std_norm).to(args.device)
-    idx, tgt, pos, mask, seq = training_batch(enc, [(p + c, len(p)) for p, c in zip(prompts, comps)], args.device,
-                                              args.pack)
-    adv = adv[seq.clamp(min=0)]  # each token gets its rollout's advantage
+    # A rollout with zero advantage (its whole group equally right or wrong) adds exactly nothing to
+    # the loss or its gradient unless --kl is on, so the update's forward and backward pass skip it;
+    # the loss is still divided by the whole batch's completion tokens. As the expert improves most
+    # groups are all right, and most of the update goes. (Under torchrun every rank keeps all rows:
+    # DDP needs the same number of backward passes on each. One row is kept when none would be, so
+    # that AdamW still takes its step on a zero gradient.)
+    n_counted = torch.tensor(max(1, sum(len(c) for c in comps)), device=args.device)
+    keep = [i for i in range(len(comps)) if adv[i] != 0 or args.kl > 0 or isinstance(train_model, DDP)] or [0]
+    idx, tgt, pos, mask, seq = training_batch(enc, [(prompts[i] + comps[i], len(prompts[i])) for i in keep],
+                                              args.device, args.pack)
+    adv = adv[keep][seq.clamp(min=0)]  # each token gets its rollout's advantage
     old_logp = None
     if args.clip > 0:
         with torch.no_grad():
@@ -95,7 +103,6 @@ def rl_step(model, enc, opt, batch, args, generator, train_model=None):
     # --micro_batch rows per backward pass: the gradient of the whole batch, summed over chunks, in a
     # fraction of the activation memory (0: all rows at once). Under torchrun each chunk's backward
     # averages over ranks: the same gradient, more communication.
-    n_counted = (tgt != -1).sum().clamp(min=1)
     rows = args.micro_batch or len(idx)
     for _ in range(max(1, args.ppo_epochs)):
         opt.zero_grad(set_to_none=True)

@@ -72,6 +72,37 @@ def test_micro_batches_give_the_whole_batch_update(monkeypatch, pack):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_rollouts_without_advantage_are_left_out_of_the_update(monkeypatch):
+    """rl_step skips the rows of groups whose rewards are all equal; the step is the whole batch's."""
+    batch = examples("add", "train", 3)
+    # the first prompt's group is all right (no advantage), the others' rewards differ
+    reward = lambda text, answer: 1.0 if answer == batch[0]["answer"] else float(len(text) % 2)
+    monkeypatch.setattr(train_expert, "verify", reward)
+    rows = []
+    monkeypatch.setattr(train_expert, "training_batch", lambda enc, seqs, *a: rows.append(len(seqs)) or training_batch(enc, seqs, *a))
+    params = []
+    for skip in (True, False):
+        model = tiny_with_lora()
+        with torch.no_grad():
+            for m in lora_layers(model).values():
+                m.B.normal_(std=0.1)
+        opt = torch.optim.SGD(lora_parameters(model), lr=1.0)
+        if skip:
+            train_expert.rl_step(model, ENC, opt, batch, rl_args(), torch.Generator().manual_seed(0))
+        else:  # the whole batch, by hand: every rollout, advantages of 0 included
+            prompts, comps, rewards = train_expert.rollouts(model, ENC, batch, 4, 1.0, torch.Generator().manual_seed(0))
+            adv = train_expert.group_advantages(rewards, 4)
+            assert (adv[:4] == 0).all() and (adv[4:] != 0).any()
+            idx, tgt, pos, mask, seq = training_batch(ENC, [(p + c, len(p)) for p, c in zip(prompts, comps)], "cpu", True)
+            opt.zero_grad()
+            train_expert.policy_loss(model, idx, tgt, adv[seq.clamp(min=0)], pos, mask).backward()
+            opt.step()
+        params.append([p.detach().clone() for p in lora_parameters(model)])
+    assert rows[0] == 8  # 12 rollouts, the first group's 4 left out
+    for a, b in zip(*params):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_equal_rewards_give_zero_gradient():
     model = tiny_with_lora()
     with torch.no_grad():
@@ -138,7 +169,7 @@ def test_packed_rollouts_give_the_padded_policy_loss():
     with torch.no_grad():
         for m in lora_layers(model).values():
             m.B.normal_(std=0.1)
-    seqs = [encode_example(ENC, e["prompt"], e["completion"]) for d in ("add", "bool", "ok") for e in examples(d, "train", 3)]
+    seqs = [encode_example(ENC, e["prompt"], e["completion"]) for d in ("add", "hop", "ok") for e in examples(d, "train", 3)]
     adv = torch.linspace(-1, 1, len(seqs))
     losses = []
     for pack in (False, True):

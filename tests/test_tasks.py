@@ -44,6 +44,26 @@ def test_gold_traces_verify_and_buggy_traces_differ(domain):
     assert 0.3 < n_wrong / 300 < 0.95  # the buggy solver is often, not always, wrong
 
 
+def test_no_answer_is_the_majority():
+    """A test split whose answers are mostly one value lets an expert that always gives it look
+    strong (the bracket version of ok: 82% "no", and every RLVF expert learned to say only that)."""
+    for d in DOMAINS:
+        answers = [e["answer"] for e in examples(d, "test", 1000)]
+        assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.65, d
+    oks = examples("ok", "test", 1000)
+    assert len({e["prompt"] for e in oks}) > 900  # and many distinct sentences, not a few repeated
+
+
+def test_ok_bug_agrees_with_the_nearest_noun():
+    rng = random.Random(0)
+    ex = sample("ok", "train", rng, bug_rate=1.0)
+    words = ex["prompt"].split()
+    assert ex["completion"].split()[0].split(":")[0] == words[-2]  # the noun just before the verb
+    gold = sample("ok", "train", random.Random(0), bug_rate=0.0)
+    assert gold["prompt"] == ex["prompt"]
+    assert gold["completion"].split()[0].split(":")[0] in words[1:3]  # the head noun, after "the" [adjective]
+
+
 def test_domain_is_obvious_from_prompt():
     for d in DOMAINS:
         for ex in examples(d, "train", 20):

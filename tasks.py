@@ -119,12 +119,15 @@ ADJS = ["big", "small", "red", "old", "shy", "wet"]
 
 def gen_ok(rng, bug):
     # subject-verb agreement across a prepositional phrase ("the cat near the dogs runs"), the kind
-    # of judgment CoLA asks for; the second noun is an attractor of the other number 3 times in 4
+    # of judgment CoLA asks for. The second noun has the other number 2 times in 5, so that the buggy
+    # trace's answer is right 60% of the time: more than a guess of yes or no, so RLVF cannot gain by
+    # answering against its own trace (at 3 in 4, two seeds of three learned to answer "yes" after any
+    # trace, reward 0.5), only by finding the head noun
     def noun_phrase(plural):
         adj = rng.choice([""] + ADJS)
         return f"the {adj + ' ' if adj else ''}{rng.choice(NOUNS)}{'s' if plural else ''}"
     head_plural = rng.random() < 0.5
-    near_plural = head_plural != (rng.random() < 0.75)
+    near_plural = head_plural != (rng.random() < 0.4)
     verb_plural = rng.random() < 0.5
     verb = rng.choice(VERBS) + ("" if verb_plural else "s")
     head, near = noun_phrase(head_plural), noun_phrase(near_plural)

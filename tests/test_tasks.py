@@ -61,7 +61,7 @@ def test_ok_bug_agrees_with_the_nearest_noun():
     assert ex["completion"].split()[0].split(":")[0] == words[-2]  # the noun just before the verb
     gold = sample("ok", "train", random.Random(0), bug_rate=0.0)
     assert gold["prompt"] == ex["prompt"]
-    assert gold["completion"].split()[0].split(":")[0] in words[1:3]  # the head noun, after "the" [adjective]
+    assert gold["completion"].split()[0].split(":")[0] in words[2:4]  # the head noun, after "ok? the" [adjective]
 
 
 def test_domain_is_obvious_from_prompt():

@@ -8,7 +8,8 @@ the defaults this is REINFORCE with a group baseline:
     (divided by the group's std with --std_norm);
     loss = -sum over completion tokens of a * log p(token), divided by the number of completion
     tokens in the batch (prompt and padding masked); one gradient step per batch.
-A group whose rewards are all equal has zero advantage and teaches nothing. Optional, off by
+A group whose rewards are all equal has zero advantage and teaches nothing (its rollouts are left
+out of the update's forward and backward pass). Optional, off by
 default: --clip > 0 uses PPO's clipped ratio against the sampling policy for --ppo_epochs passes,
 and --kl > 0 adds a KL penalty (k3 estimator) to the adapter-off model, the base.
 

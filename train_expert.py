@@ -10,7 +10,8 @@ the defaults this is REINFORCE with a group baseline:
     tokens in the batch (prompt and padding masked); one gradient step per batch.
 A group whose rewards are all equal has zero advantage and teaches nothing (its rollouts are left
 out of the update's forward and backward pass). Optional, off by default: --clip > 0 uses PPO's
-clipped ratio against the sampling policy for --ppo_epochs passes, and --kl > 0 adds a KL penalty (k3 estimator) to the adapter-off model, the base.
+clipped ratio against the sampling policy for --ppo_epochs passes, and --kl > 0 adds a KL penalty
+(k3 estimator) to the adapter-off model, the base.
 
 --method sft: the same LoRA trained on gold traces with completion-only cross-entropy, the
 "traditional fine-tuning" expert the paper compares against.

@@ -92,7 +92,8 @@ def rl_step(model, enc, opt, batch, args, generator, train_model=None):
     # DDP needs the same number of backward passes on each. One row is kept when none would be, so
     # that AdamW still takes its step on a zero gradient.)
     n_counted = torch.tensor(max(1, sum(len(c) for c in comps)), device=args.device)
-    keep = [i for i in range(len(comps)) if adv[i] != 0 or args.kl > 0 or isinstance(train_model, DDP)] or [0]
+    every_row = args.kl > 0 or isinstance(train_model, DDP)
+    keep = list(range(len(comps))) if every_row else adv.nonzero().flatten().tolist() or [0]
     idx, tgt, pos, mask, seq = training_batch(enc, [(prompts[i] + comps[i], len(prompts[i])) for i in keep],
                                               args.device, args.pack)
     adv = adv[keep][seq.clamp(min=0)]  # each token gets its rollout's advantage

@@ -119,23 +119,23 @@ ADJS = ["big", "small", "red", "old", "shy", "wet"]
 
 def gen_ok(rng, bug):
     # subject-verb agreement across a prepositional phrase ("the cat near the dogs runs"), the kind
-    # of judgment CoLA asks for. The second noun has the other number 2 times in 5, so that the buggy
-    # trace's answer is right 60% of the time: more than a guess of yes or no, so RLVF cannot gain by
-    # answering against its own trace (at 3 in 4, two seeds of three learned to answer "yes" after any
-    # trace, reward 0.5), only by finding the head noun
+    # of judgment CoLA asks for. The answer names the subject it judged (`yes cat`), so that a yes or
+    # no guessed after any trace is wrong: the buggy answer names the nearest noun and is right only
+    # when both nouns are the same word. The second noun has the other number 3 times in 4
     def noun_phrase(plural):
         adj = rng.choice([""] + ADJS)
         return f"the {adj + ' ' if adj else ''}{rng.choice(NOUNS)}{'s' if plural else ''}"
     head_plural = rng.random() < 0.5
-    near_plural = head_plural != (rng.random() < 0.4)
+    near_plural = head_plural != (rng.random() < 0.75)
     verb_plural = rng.random() < 0.5
     verb = rng.choice(VERBS) + ("" if verb_plural else "s")
     head, near = noun_phrase(head_plural), noun_phrase(near_plural)
     subject, subject_plural = (near, near_plural) if bug else (head, head_plural)  # the bug: the nearest noun
+    noun = subject.split()[-1]
     number = lambda plural: "pl" if plural else "sg"
-    trace = f"{subject.split()[-1]}:{number(subject_plural)} {verb}:{number(verb_plural)}"
+    trace = f"{noun}:{number(subject_plural)} {verb}:{number(verb_plural)}"
     q = f"ok? {head} {rng.choice(PREPS)} {near} {verb}"
-    return q, trace, "yes" if subject_plural == verb_plural else "no"
+    return q, trace, ("yes " if subject_plural == verb_plural else "no ") + noun
 
 
 ENTITIES = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

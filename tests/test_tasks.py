@@ -41,7 +41,9 @@ def test_gold_traces_verify_and_buggy_traces_differ(domain):
         assert verify(gold["completion"], gold["answer"]) == 1.0
         buggy = sample(domain, "train", rng, bug_rate=1.0)
         n_wrong += verify(buggy["completion"], buggy["answer"]) == 0.0
-    assert 0.3 < n_wrong / 300 < 0.95  # the buggy solver is often, not always, wrong
+    assert n_wrong / 300 > 0.3  # the buggy solver is often wrong
+    if domain != "ok":  # ok's almost always is (test_ok_cannot_be_guessed)
+        assert n_wrong / 300 < 0.95  # and the others' not always
 
 
 def test_no_answer_is_the_majority():
@@ -51,6 +53,8 @@ def test_no_answer_is_the_majority():
         answers = [e["answer"] for e in examples(d, "test", 1000)]
         assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.65, d
     oks = examples("ok", "test", 1000)
+    verdicts = [e["answer"].split()[0] for e in oks]  # ok's answers name the subject: `yes cat`
+    assert 0.35 < verdicts.count("yes") / len(verdicts) < 0.65
     assert len({e["prompt"] for e in oks}) > 900  # and many distinct sentences, not a few repeated
 
 
@@ -62,6 +66,15 @@ def test_ok_bug_agrees_with_the_nearest_noun():
     gold = sample("ok", "train", random.Random(0), bug_rate=0.0)
     assert gold["prompt"] == ex["prompt"]
     assert gold["completion"].split()[0].split(":")[0] in words[2:4]  # the head noun, after "ok? the" [adjective]
+    assert gold["answer"].split()[1] == gold["completion"].split()[0].split(":")[0]  # the answer names it
+
+
+def test_ok_cannot_be_guessed():
+    """The answer names the subject, so a trace that took the nearest noun is wrong whatever its yes
+    or no: RLVF cannot gain by answering against its own trace, only by finding the head noun."""
+    rng = random.Random(0)
+    buggy = [sample("ok", "train", rng, bug_rate=1.0) for _ in range(500)]
+    assert sum(verify(e["completion"], e["answer"]) for e in buggy) / 500 < 0.05
 
 
 def test_domain_is_obvious_from_prompt():

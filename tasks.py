@@ -55,12 +55,21 @@ def tokenizer_info(enc):
 # the domains: gen(rng, bug) -> (question, trace, answer)
 
 def gen_add(rng, bug):
+    # column by column from the ones digit: the column's sum, then the carry in, as a step of its own
+    # (`4+6=10+1=11`). The bug drops every carry, so the buggy trace is the gold one without its `+1`
+    # steps: both practise every digit sum, and the skill RLVF has to find is the carry alone (with
+    # `4+6+1=11` in one step, the three-term sums came only from gold traces, and some seeds' bases
+    # never learned them: RLVF cannot find what sampling never writes)
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     da, db = str(a)[::-1], str(b)[::-1]
     steps, digits, carry = [], [], 0
     for x, y in zip(da, db):
-        s = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}+1={s}" if carry else f"{x}+{y}={s}")
+        s = int(x) + int(y)
+        step = f"{x}+{y}={s}"
+        if carry:
+            s += 1
+            step += f"+1={s}"
+        steps.append(step)
         digits.append(str(s % 10))
         carry = 0 if bug else s // 10  # the bug: every carry is dropped
     if carry:

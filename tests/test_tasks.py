@@ -1,4 +1,5 @@
 import random
+import re
 
 import pytest
 
@@ -67,6 +68,14 @@ def test_ok_bug_agrees_with_the_nearest_noun():
     assert gold["prompt"] == ex["prompt"]
     assert gold["completion"].split()[0].split(":")[0] in words[2:4]  # the head noun, after "ok? the" [adjective]
     assert gold["answer"].split()[1] == gold["completion"].split()[0].split(":")[0]  # the answer names it
+
+
+def test_add_bug_only_drops_the_carry_steps():
+    """Gold and buggy traces share every digit sum: the buggy one is the gold one without its `+1`s."""
+    for i in range(200):
+        gold = sample("add", "train", random.Random(i), bug_rate=0.0)["completion"].split(" #### ")[0]
+        buggy = sample("add", "train", random.Random(i), bug_rate=1.0)["completion"].split(" #### ")[0]
+        assert re.sub(r"(=\d+)\+1=\d+", r"\1", gold) == buggy  # `=10+1=11` -> `=10`
 
 
 def test_ok_cannot_be_guessed():

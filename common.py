@@ -33,7 +33,7 @@ PRESETS = {
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, expert_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
-                       attn_only=False, traces=0, route_loss=1.0,
+                       attn_only=False, traces=0, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
         "lorahub": dict(steps=10, examples=16, l1=0.05, seed=0),
         "eval": dict(n_test=8, n_kl=8, n_cls=16, batch_size=64, seed=0),
@@ -52,10 +52,12 @@ PRESETS = {
         # stage 2 as data-scarce as the paper's premise (32 traces per domain), the router told which expert
         # writes each token (route_loss; 0 is the paper's LM loss alone), the attention LoRA slow (1e-4):
         # faster, it relearns the tasks from the traces (attn_fast, README). The router itself at 3e-1: at
-        # 1e-1 its 100 steps left some of hop's fact lookups misrouted in one seed of three (docs/experiments.md)
+        # 1e-1 its 100 steps left some of hop's fact lookups misrouted in one seed of three (docs/experiments.md).
+        # decisive_weight: the routing loss counts 101 times the answer tokens the base alone gets wrong; at 1
+        # those few tokens were the misrouted ones, and two seeds of three kept under 95% of an expert
         "router": dict(steps=100, batch_size=64, lr=3e-1, attn_lr=1e-4, expert_lr=1e-2, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
-                       attn_only=False, traces=32, route_loss=1.0,
+                       attn_only=False, traces=32, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         "eval": dict(n_test=200, n_kl=100, n_cls=200, batch_size=256, seed=0),
@@ -72,7 +74,7 @@ PRESETS = {
         # the cpu preset's stage-2 recipe scaled up; not yet run on a GPU (docs/gpu.md ran the paper's)
         "router": dict(steps=600, batch_size=256, lr=1e-3, attn_lr=3e-5, expert_lr=1e-3, attn_lora_r=8, attn_alpha=16.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
-                       attn_only=False, traces=128, route_loss=1.0,
+                       attn_only=False, traces=128, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         "eval": dict(n_test=500, n_kl=200, n_cls=500, batch_size=512, seed=0),
@@ -100,6 +102,7 @@ FLAGS = {
     "routing": "hard|soft|arrow|gumbel", "top_k": ">= 1, at most the number of experts", "normalize": "bool",
     "per_layer": "bool", "train_experts": "bool", "l2": ">= 0", "attn_only": "bool",
     "traces": ">= 0, 0: all", "route_loss": ">= 0, 0: the LM loss alone (the paper's)",
+    "decisive_weight": ">= 0, 0: every position alike",
     "examples": ">= 1", "l1": ">= 0",
     "n_test": ">= 1", "n_kl": ">= 0, 0: no KL or decisive tokens", "n_cls": ">= 1",
 }

@@ -26,6 +26,10 @@ Two switches that decide what the numbers mean:
                  through the straight-through estimator the router is told only whether the chosen
                  expert should count more, never which other one would have been better, and the
                  attention LoRA, with its dense gradient, learns the tasks first.
+  --decisive_weight W  counts a position of that routing loss 1 + W times where the expert decides:
+                 an answer token the base alone would not write (its argmax on the same batch differs).
+                 Those few positions are the ones a misrouted token costs accuracy; the other
+                 positions of the answer and prompt outnumber them about 40 to 1.
   --attn_only    the control: the attention LoRA alone on the same traces, steps and rates, no experts
                  and no router; written as an adapter file OUT/mor/NAME.pt.
 At the end: greedy accuracy on --eval_n test prompts per domain, next to each expert's own.
@@ -71,6 +75,17 @@ def route_labels(enc, batch, seq, tgt, domains):
         n = len(lab)  # = the sequence's positions; unpacked rows also mark their padding with seq == i
         labels[where[0][:n], where[1][:n]] = torch.tensor(lab, device=tgt.device)
     return labels
+
+
+@torch.no_grad()
+def route_weights(base, idx, tgt, pos, mask, decisive_weight):
+    """(R, C) each position's weight in the routing loss: 1, and 1 + decisive_weight where the expert
+    decides, an answer token (tgt >= 0) that the base alone would not write (its argmax differs)."""
+    weight = torch.ones(tgt.shape, device=tgt.device)
+    if decisive_weight:
+        base_next = base(idx, pos=pos, mask=mask)[0].argmax(-1)
+        weight += decisive_weight * ((tgt >= 0) & (base_next != tgt))
+    return weight
 
 
 def router_batch(data, domains, n, mixed_frac, rng):
@@ -211,7 +226,10 @@ def main():
         if args.route_loss:  # the departure from the paper: tell the router which expert writes each token
             want = route_labels(enc, batch, seq, tgt, domains).view(-1)
             at = want >= 0
-            route_ce = sum(F.cross_entropy(z[at], want[at]) for z in model.router.kept) / len(model.router.kept)
+            weight = route_weights(base, idx, tgt, pos, mask, args.decisive_weight).view(-1)[at]
+            weight = weight / weight.sum()
+            route_ce = sum((F.cross_entropy(z[at], want[at], reduction="none") * weight).sum()
+                           for z in model.router.kept) / len(model.router.kept)
             model.router.keep_logits, model.router.kept = False, []
             loss = loss + args.route_loss * route_ce
         if not math.isfinite(ce):  # stop before the bad step touches the weights; the last checkpoint stays

@@ -291,3 +291,20 @@ def test_gumbel_choice_agrees_with_the_argmax_once_tau_is_annealed():
         argmax = router(x, 0)[0][:, 0]
     assert (sampled == argmax).float().mean() > 0.95
     assert (cost.gather(1, argmax[:, None]) < 0).float().mean() > 0.9  # and it learned the wanted experts
+
+
+def test_route_weights_single_out_the_answer_tokens_the_base_gets_wrong():
+    from train_router import route_weights
+    base, _ = tiny_base()
+    torch.manual_seed(1)
+    idx = torch.randint(40, (3, 12))
+    tgt = torch.randint(40, (3, 12))
+    tgt[:, :4] = -1  # the prompt: no answer token written there
+    base_next = base(idx)[0].argmax(-1)
+    tgt[0, 5], tgt[1, 7] = base_next[0, 5], base_next[1, 7]  # answer tokens the base gets right
+    w = route_weights(base, idx, tgt, None, None, 30.0)
+    decides = (tgt >= 0) & (base_next != tgt)
+    assert decides.sum() > 0 and (~decides).sum() > 12
+    assert torch.equal(w, torch.where(decides, 31.0, 1.0))
+    assert w[0, 5] == 1 and w[1, 7] == 1 and (w[:, :4] == 1).all()
+    assert torch.equal(route_weights(base, idx, tgt, None, None, 0.0), torch.ones(3, 12))

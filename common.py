@@ -45,7 +45,7 @@ PRESETS = {
         "pretrain": dict(steps=1200, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
                          eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=True, optimizer="adamw",
                          ckpt_every=100),
-        "expert": dict(steps=80, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
+        "expert": dict(steps=40, prompts=16, group=8, lr=1e-3, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=0,
                        eval_n=100, seed=0, pack=True, ckpt_every=20),
         "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
@@ -55,10 +55,10 @@ PRESETS = {
         # 1e-1 its 100 steps left some of hop's fact lookups misrouted in one seed of three (docs/experiments.md).
         # decisive_weight: the routing loss counts 101 times the answer tokens the base alone gets wrong; at 1
         # those few tokens were the misrouted ones, and two seeds of three kept under 95% of an expert
-        "router": dict(steps=100, batch_size=64, lr=3e-1, attn_lr=1e-4, expert_lr=1e-2, attn_lora_r=4, attn_alpha=8.0,
+        "router": dict(steps=50, batch_size=64, lr=3e-1, attn_lr=1e-4, expert_lr=1e-2, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=32, route_loss=1.0, decisive_weight=100.0,
-                       mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=50),
+                       mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=25),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         "eval": dict(n_test=200, n_kl=100, n_cls=200, batch_size=256, seed=0),
     },

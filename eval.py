@@ -52,6 +52,7 @@ before it (the last prompt token writes the first completion token).
 import contextlib
 import copy
 import json
+import multiprocessing
 import os
 
 import torch
@@ -548,8 +549,12 @@ def train_classifier(base, enc, domains, args):
     predict = lambda prompts: predict_feats(feats(prompts))
     test_acc = {d: sum(c == i for c in predict([e["prompt"] for e in examples(d, "test", args.n_test, args.seed)]))
                 / args.n_test for i, d in enumerate(domains)}
-    n = base.config.n_embd * len(domains) + len(domains)
-    return predict, {"train_prompts": len(train), "test_accuracy": test_acc, "params": n}
+    return predict, {"train_prompts": len(train), "test_accuracy": test_acc, "params": classifier_size(base, len(domains))}
+
+
+def classifier_size(base, n_classes):
+    """seq_router's trained parameters: one weight vector and bias per class."""
+    return (base.config.n_embd + 1) * n_classes
 
 
 def add_oracle(res, base_total):
@@ -576,9 +581,50 @@ def write_outputs(res, page, out_dir):
         write_text_atomic(page, os.path.join(out_dir, "routing.html"))
 
 
+def evaluate_system(name, base, base_ckpt, enc, tests, mixed, traces, classifier, args):
+    """Build one system and take every measure of it. Returns (its part of eval.json, the routing
+    page when it is mor_hard, else None)."""
+    part = {"accuracy": {}, "params": {}, "routing": {}, "behavior_kl": {}, "skipped": {}, "seconds": {}}
+    t = Timer()
+    built, why = build(name, base, base_ckpt, args)
+    if why:
+        part["skipped"][name] = why
+        tqdm.write(f"skipping {name}: {why}")
+    if built is None:
+        return part, None
+    model, trainable, total = built
+    if name == "seq_router":  # what it trains is the classifier
+        trainable = classifier_size(base, len(model.router.expert_info))
+        total += trainable
+    part["params"][name] = {"trainable": trainable, "total": total}
+    if name == "lorahub":
+        part["lorahub_weights"] = load_adapter(os.path.join(args.out_dir, "mor", "lorahub.pt"),
+                                               base_ckpt)["meta"]["metrics"]["weights"]
+    answers, routes = evaluate(name, model, enc, tests, mixed, traces, classifier, args, part)
+    page = None
+    if name == "mor_hard":
+        page = routing_page([x["domain"] for x in model.router.expert_info], len(model.blocks),
+                            page_samples(enc, tests, mixed, answers, routes), part["routing"]["mor_hard"])
+    part["seconds"][name] = t()
+    acc = part["accuracy"][name]
+    tqdm.write(f"{name:12s} | " + " ".join(f"{d} {fmt(acc[d])}" for d in DOMAINS) +
+               f" | mixed {fmt(acc['mixed'])} | {part['seconds'][name]:.1f}s")
+    return part, page
+
+
+_SHARED = None  # evaluate_system's arguments but the name, for forked workers (set before the pool starts)
+
+
+def _evaluate_shared(name):
+    torch.set_num_threads(1)
+    return evaluate_system(name, *_SHARED)
+
+
 def main():
     def extra(p):
         p.add_argument("--systems", default="", rule="text", help="comma-separated subset of the systems (default: all)")
+        p.add_argument("--jobs", type=int, default=0, rule=">= 0, 0: one per thread torch may use on CPU, one on a GPU",
+                       help="systems evaluated side by side, one thread each")
     args = parse_args(__doc__, ["eval"], extra)
     systems = [s for s in args.systems.split(",") if s] or SYSTEMS
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -611,36 +657,35 @@ def main():
         print("seq_router classifier, test accuracy | " +
               " ".join(f"{d} {a:.3f}" for d, a in res["seq_router_classifier"]["test_accuracy"].items()))
 
+    shared = (base, base_ckpt, enc, tests, mixed, traces, classifier, args)
+    jobs = args.jobs or (1 if args.device.startswith("cuda") else torch.get_num_threads())
+    names = [s for s in systems if s != "oracle"]  # the oracle is read off the experts' results, after them
     page = None
-    bar = tqdm(systems, desc="eval", dynamic_ncols=True, leave=False, disable=None)  # a bar on a terminal only
-    for name in bar:
-        bar.set_postfix_str(name)
-        t = Timer()
-        if name == "oracle":  # filled in from the expert:D results, nothing to build or run
-            built, why = None, add_oracle(res, n_params(base.parameters()))
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and len(names) > 1:
+            # Systems in parallel: generating with a model this small is mostly Python and small
+            # kernels, so a one-thread process per core gets more done than one process with every
+            # core. Forked workers inherit the base, the test prompts, the reference traces and the
+            # classifier; each returns its part of eval.json.
+            global _SHARED
+            _SHARED = shared
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(min(jobs, len(names))))
+            results = pool.imap_unordered(_evaluate_shared, names)
         else:
-            built, why = build(name, base, base_ckpt, args)
+            results = (evaluate_system(name, *shared) for name in names)
+        for part, system_page in tqdm(results, total=len(names), desc="eval", dynamic_ncols=True, leave=False,
+                                      disable=None):  # a bar on a terminal only
+            for key, value in part.items():  # the measures by system name; lorahub_weights as it is
+                res[key] = {**res.get(key, {}), **value} if isinstance(value, dict) else value
+            page = system_page or page
+    if "oracle" in systems:  # filled in from the expert:D results, nothing to build or run
+        why = add_oracle(res, n_params(base.parameters()))
         if why:
-            res["skipped"][name] = why
-            tqdm.write(f"skipping {name}: {why}")
-        if built is None:
-            continue
-        model, trainable, total = built
-        if name == "seq_router":  # what it trains is the classifier
-            n = res["seq_router_classifier"]["params"]
-            trainable, total = n, total + n
-        res["params"][name] = {"trainable": trainable, "total": total}
-        if name == "lorahub":
-            res["lorahub_weights"] = load_adapter(os.path.join(args.out_dir, "mor", "lorahub.pt"),
-                                                  base_ckpt)["meta"]["metrics"]["weights"]
-        answers, routes = evaluate(name, model, enc, tests, mixed, traces, classifier, args, res)
-        if name == "mor_hard":
-            page = routing_page([x["domain"] for x in model.router.expert_info], len(model.blocks),
-                                page_samples(enc, tests, mixed, answers, routes), res["routing"]["mor_hard"])
-        res["seconds"][name] = t()
-        acc = res["accuracy"][name]
-        tqdm.write(f"{name:12s} | " + " ".join(f"{d} {fmt(acc[d])}" for d in DOMAINS) +
-                   f" | mixed {fmt(acc['mixed'])} | {res['seconds'][name]:.1f}s")
+            res["skipped"]["oracle"] = why
+            print(f"skipping oracle: {why}")
+    order = {s: i for i, s in enumerate(SYSTEMS)}  # workers finish in any order; the tables follow SYSTEMS
+    for key in ("accuracy", "params", "routing", "behavior_kl", "skipped", "seconds"):
+        res[key] = dict(sorted(res[key].items(), key=lambda kv: order.get(kv[0], -1)))
 
     res["switches"] = {s: r["switches_per_mixed_answer"] for s, r in res["routing"].items()}
     res["seconds"]["total"] = timer()

@@ -138,6 +138,8 @@ def main():
         p.add_argument("--domain", required=True, rule="|".join(DOMAINS))
         p.add_argument("--method", default="rl", rule="rl|sft", help="RLVF or supervised on gold traces")
     args = parse_args(__doc__, ["expert"], extra)
+    if args.method == "sft":  # SFT on gold traces converges in fewer steps than RLVF (--sft_steps)
+        args.steps = args.sft_steps
     rank, world, args.device = setup_ddp(args.device)
     n = per_rank(args.prompts, world, "prompts") if args.method == "rl" else per_rank(args.sft_batch, world, "sft_batch")
     out_path = os.path.join(args.out_dir, "experts", f"{args.domain}{'_sft' if args.method == 'sft' else ''}.pt")

@@ -283,6 +283,21 @@ def test_seeds_run_side_by_side_and_seed_0_is_the_plain_run(smoke, tmp_path):
     assert gain == [r["accuracy"]["expert:add"]["add"] - r["accuracy"]["base"]["add"] for r in (first, other)]
 
 
+def test_eval_jobs_side_by_side_write_the_serial_eval_json(smoke, tmp_path):
+    """eval.py --jobs 2 (forked workers, one thread each, systems finishing in any order) writes the
+    eval.json of the serial run: the same measures to the last bit, in the same order."""
+    out = tmp_path / "out"
+    shutil.copytree(smoke[0], out, ignore=shutil.ignore_patterns("eval.json", "report.md", "routing.html"))
+    r = subprocess.run([sys.executable, "eval.py", "--preset", "smoke", "--out_dir", str(out), "--jobs", "2"], cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", NANOMOR_COMPILE="0"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    serial, parallel = (json.load(open(os.path.join(o, "eval.json"))) for o in (smoke[0], out))
+    for key in ("accuracy", "params", "routing", "behavior_kl", "seq_router_votes", "lorahub_weights", "switches"):
+        assert parallel[key] == serial[key] and list(parallel[key]) == list(serial[key]), key
+    assert (out / "routing.html").read_text() == open(os.path.join(smoke[0], "routing.html")).read()
+
+
 def test_missing_base_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--preset", "smoke", "--out_dir", str(tmp_path)], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)

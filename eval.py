@@ -660,6 +660,7 @@ def main():
     shared = (base, base_ckpt, enc, tests, mixed, traces, classifier, args)
     jobs = args.jobs or (1 if args.device.startswith("cuda") else torch.get_num_threads())
     names = [s for s in systems if s != "oracle"]  # the oracle is read off the experts' results, after them
+    names.sort(key=lambda s: s not in ROUTED)  # the slowest first (token routing): workers end together
     page = None
     with contextlib.ExitStack() as stack:
         if jobs > 1 and len(names) > 1:

@@ -89,7 +89,7 @@ common=(--preset "$preset" --out_dir "$out" --seed "$seed")
 
 add pretrain "$out/base.pt" "" $py pretrain.py "${common[@]}"
 rl=""
-for d in bool pick add ok hop; do  # the slowest first: the critical path is RLVF -> distill -> routers
+for d in ok pick bool add hop; do  # the slowest first (measured): the critical path is RLVF -> distill -> routers
   add "expert:$d" "$out/experts/$d.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d"
   rl="$rl expert:$d"
 done

@@ -221,7 +221,7 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-STAGES = (["pretrain"] + [f"expert:{d}" for d in ("bool", "pick", "add", "ok", "hop")] +
+STAGES = (["pretrain"] + [f"expert:{d}" for d in ("ok", "pick", "bool", "add", "hop")] +
           ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "attn_fast", "mor_gumbel", "lorahub", "mor_soft", "moe_soft"] +
           [f"sft:{d}" for d in DOMAINS] + ["eval"])
 
@@ -250,7 +250,7 @@ def test_run_sh_stops_at_the_first_failing_stage(tmp_path):
     r = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1"))
     assert r.returncode == 1
-    assert re.match(r"error: stage 'expert:(bool|pick)' failed \(exit 2\)", r.stderr), r.stderr
+    assert re.match(r"error: stage 'expert:(ok|pick|bool)' failed \(exit 2\)", r.stderr), r.stderr
     assert "is not a readable base model" in r.stderr  # the stage's own error line, from the end of its log
     assert "distill started" not in r.stdout and not list(tmp_path.glob("experts/*.pt"))
     assert (tmp_path / "base.pt").read_text() == "not a checkpoint"  # nothing lost

@@ -67,7 +67,7 @@ def test_pretrain_resumes_after_sigkill(tmp_path, optimizer):
 def test_expert_resumes_after_sigkill(tmp_path):
     subprocess.run(cmd("pretrain.py", tmp_path, "--steps", "20", "--eval_n", "2"), cwd=ROOT, env=ENV, check=True,
                    capture_output=True, timeout=300)
-    flags = ("--domain", "add", "--method", "sft", "--steps", "30", "--ckpt_every", "5", "--eval_every", "100")
+    flags = ("--domain", "add", "--method", "sft", "--sft_steps", "30", "--ckpt_every", "5", "--eval_every", "100")
     kill_after_checkpoint(cmd("train_expert.py", tmp_path, *flags), tmp_path / "experts" / "add_sft.ckpt.pt")
     out = finish(cmd("train_expert.py", tmp_path, *flags))
     assert "resuming from" in out and "step 30/30" in out
@@ -75,7 +75,7 @@ def test_expert_resumes_after_sigkill(tmp_path):
     _, _, base = load_base(str(tmp_path), "cpu")
     ad = load_adapter(str(tmp_path / "experts" / "add_sft.pt"), base)
     assert len(ad["meta"]["metrics"]["curve"]) == 30
-    r = subprocess.run(cmd("train_expert.py", tmp_path, *flags[:4], "--steps", "31", "--resume"), cwd=ROOT, env=ENV,
+    r = subprocess.run(cmd("train_expert.py", tmp_path, *flags[:4], "--sft_steps", "31", "--resume"), cwd=ROOT, env=ENV,
                        capture_output=True, text=True)
     assert r.returncode == 0  # no checkpoint left: a fresh start, said so
     assert "starting from scratch" in r.stdout

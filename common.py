@@ -28,7 +28,7 @@ PRESETS = {
                          eval_n=8, pass_k=4, seed=0, compile=False, bf16=False, pack=True, optimizer="adamw",
                          ckpt_every=10),
         "expert": dict(steps=3, prompts=4, group=8, lr=3e-3, sft_steps=3, sft_lr=3e-3, rank=4, alpha=8.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=16, eval_every=2,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=16, eval_every=2, stop_reward=0.0,
                        eval_n=8, seed=0, pack=True, ckpt_every=2),
         "distill": dict(n_prompts=8, samples=2, temperature=1.0, seed=0, gold_fallback=True),
         "router": dict(steps=10, batch_size=16, lr=3e-3, attn_lr=3e-3, expert_lr=3e-3, attn_lora_r=4, attn_alpha=8.0,
@@ -43,14 +43,16 @@ PRESETS = {
         # Muon, 600 steps: a lower loss than AdamW's 1,200 steps (0.036 against 0.057, seed 0) in half the
         # time; AdamW at 600 steps, even at twice the rate, leaves add unlearned (pass@8 0.09; docs/experiments.md)
         "pretrain": dict(steps=600, batch_size=64, lr=3e-3, warmup=50, bug_rate=0.6, mixed_frac=0.15,
-                         eval_n=100, pass_k=8, seed=0, compile=False, bf16=False, pack=True, optimizer="muon",
+                         eval_n=50, pass_k=8, seed=0, compile=False, bf16=False, pack=True, optimizer="muon",
                          ckpt_every=100),
         # RLVF 60 steps: bool and add are at 1.00 by step 40 in three seeds, ok and pick gain at least +28
-        # points by step 60 (80 added at most 7 to pick); SFT's loss is under 0.02 by step 20 (docs/experiments.md)
+        # points by step 60 (80 added at most 7 to pick); stop_reward ends add and bool once solved (30-40
+        # steps); SFT's loss is under 0.02 by step 20 (docs/experiments.md)
         "expert": dict(steps=60, prompts=16, group=8, lr=1e-3, sft_steps=20, sft_lr=3e-3, rank=8, alpha=16.0, temperature=1.0,
                        std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=0, sft_batch=64, eval_every=0,
-                       eval_n=100, seed=0, pack=True, ckpt_every=20),
-        "distill": dict(n_prompts=1000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
+                       stop_reward=0.98, eval_n=100, seed=0, pack=True, ckpt_every=20),
+        # 500 prompts: stage 2 takes the first 32 traces of each domain, sweep.py up to 256
+        "distill": dict(n_prompts=500, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         # stage 2 as data-scarce as the paper's premise (32 traces per domain), the router told which expert
         # writes each token (route_loss; 0 is the paper's LM loss alone), the attention LoRA slow (1e-4):
         # faster, it relearns the tasks from the traces (attn_fast, README). The router itself at 3e-1: at
@@ -62,7 +64,7 @@ PRESETS = {
         "router": dict(steps=50, batch_size=32, lr=3e-1, attn_lr=1e-4, expert_lr=1e-2, attn_lora_r=4, attn_alpha=8.0,
                        routing="hard", top_k=1, normalize=False, per_layer=False, train_experts=False, l2=1.0,
                        attn_only=False, traces=32, route_loss=1.0, decisive_weight=100.0,
-                       mixed_frac=0.25, eval_n=100, seed=0, pack=True, ckpt_every=25),
+                       mixed_frac=0.25, eval_n=50, seed=0, pack=True, ckpt_every=25),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         # 150 test prompts per domain: eval is a fifth of the pipeline, and its tables report means over seeds
         "eval": dict(n_test=150, n_kl=100, n_cls=200, batch_size=256, seed=0),
@@ -73,7 +75,7 @@ PRESETS = {
                          eval_n=500, pass_k=8, seed=0, compile=True, bf16=True, pack=False, optimizer="adamw",
                          ckpt_every=250),
         "expert": dict(steps=100, prompts=32, group=16, lr=1e-3, sft_steps=100, sft_lr=1e-3, rank=16, alpha=32.0, temperature=1.0,
-                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=128, sft_batch=256, eval_every=25,
+                       std_norm=False, clip=0.0, ppo_epochs=1, kl=0.0, micro_batch=128, sft_batch=256, eval_every=25, stop_reward=0.98,
                        eval_n=500, seed=0, pack=False, ckpt_every=25),
         "distill": dict(n_prompts=4000, samples=0, temperature=1.0, seed=0, gold_fallback=False),
         # the cpu preset's stage-2 recipe scaled up; not yet run on a GPU (docs/gpu.md ran the paper's)
@@ -102,6 +104,7 @@ FLAGS = {
     "alpha": "> 0", "temperature": "> 0", "std_norm": "bool", "clip": ">= 0, 0: no clipping",
     "ppo_epochs": ">= 1", "kl": ">= 0, 0: no KL penalty", "micro_batch": ">= 0, 0: all rows at once",
     "sft_batch": ">= 1", "eval_every": ">= 0, 0: only at the end",
+    "stop_reward": "0..1, 0: every step; else stop once the mean reward of the last 5 steps reaches it",
     "n_prompts": ">= 1", "samples": ">= 0, 0: one greedy trace per prompt", "gold_fallback": "bool",
     "attn_lr": "> 0", "expert_lr": "> 0", "attn_lora_r": ">= 0, 0: no attention LoRA", "attn_alpha": "> 0",
     "routing": "hard|soft|arrow|gumbel", "top_k": ">= 1, at most the number of experts", "normalize": "bool",

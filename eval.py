@@ -7,7 +7,7 @@ Systems (every one answers the same prompts: tasks.examples(D, "test", n_test) a
 tasks.mixed_examples("test", n_test), greedy):
     base          the frozen base model
     expert:D      base + D's RLVF expert (OUT/experts/D.pt)
-    sft:D         base + D's SFT expert (OUT/experts/D_sft.pt)
+    sft:D         base + D's SFT expert (OUT/experts/D_sft.pt), on D's test prompts only
     merge         one LoRA, the uniform average of the RLVF experts' A's and, separately, of their B's
                   (LoRAHub with equal weights), applied at the experts' scale alpha / r
     lorahub       the same with searched weights, OUT/mor/lorahub.pt (lorahub.py; its weights in eval.json)
@@ -313,8 +313,8 @@ def accuracies(model, enc, tests, mixed, args, pick=None):
     groups = [([e for exs in tests.values() for e in exs], MAX_NEW_TOKENS), (mixed, MAX_NEW_TOKENS_MIXED)]
     outs, picks = [], []
     for exs, max_new in groups:
-        picks.append(pick(exs) if pick else None)
-        if pick and picks[-1] is None:
+        picks.append(pick(exs) if pick and exs else None)
+        if not exs or (pick and picks[-1] is None):
             outs.append(None)
             continue
         outs.append(greedy(model, enc, [e["prompt"] for e in exs], max_new, args.batch_size, picks[-1]))
@@ -324,8 +324,9 @@ def accuracies(model, enc, tests, mixed, args, pick=None):
         chosen[d] = picks[0][start:start + len(exs)] if picks[0] else None
         start += len(exs)
     answers["mixed"], chosen["mixed"] = outs[1], picks[1]
-    acc = {d: None if answers[d] is None else sum(score(e, decode(enc, c)) for e, c in zip(exs, answers[d])) / len(exs)
-           for d, exs in [*tests.items(), ("mixed", mixed)]}
+    acc = {d: None for d in [*DOMAINS, "mixed"]}  # a domain left out of tests stays None
+    acc.update({d: None if answers[d] is None else sum(score(e, decode(enc, c)) for e, c in zip(exs, answers[d])) / len(exs)
+                for d, exs in [*tests.items(), ("mixed", mixed)]})
     return answers, acc, chosen
 
 
@@ -384,7 +385,8 @@ def accuracy_table(res):
     rows = []
     for s, acc in res["accuracy"].items():
         known = [acc[d] for d in res["domains"] if acc[d] is not None]
-        rows.append([s] + [fmt(acc[c]) for c in cols] + [fmt(sum(known) / len(known) if known else None)])
+        mean = sum(known) / len(known) if len(known) == len(res["domains"]) else None  # sft:D: its own domain only
+        rows.append([s] + [fmt(acc[c]) for c in cols] + [fmt(mean)])
     return table(["system"] + cols + ["mean (domains)"], rows)
 
 
@@ -518,6 +520,9 @@ def evaluate(name, model, enc, tests, mixed, traces, classifier, args, res):
     """Every measure of one built system, into res. Returns its answers and, for routed systems, routes."""
     swap = name.split("+")[1] if "+" in name else None
     pick, kl_forced = None, None
+    if name.startswith("sft:"):  # compared with the RLVF expert on its own domain only; elsewhere it is the base
+        own = name.split(":")[1]
+        tests, mixed, traces = {own: tests[own]}, [], {d: t for d, t in traces.items() if d == own}
     if name == "seq_router":  # the classifier picks one expert per prompt
         pick = lambda exs: classifier([e["prompt"] for e in exs])
         kl_forced = {d: classifier(traces[d][0]) for d in traces}

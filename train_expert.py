@@ -11,7 +11,9 @@ the defaults this is REINFORCE with a group baseline:
 A group whose rewards are all equal has zero advantage and teaches nothing (its rollouts are left
 out of the update's forward and backward pass). Optional, off by default: --clip > 0 uses PPO's
 clipped ratio against the sampling policy for --ppo_epochs passes, and --kl > 0 adds a KL penalty
-(k3 estimator) to the adapter-off model, the base.
+(k3 estimator) to the adapter-off model, the base. --stop_reward R ends training early once the
+sampled reward averages R or more over the last 5 steps: the task is solved, and the steps left would
+be groups with nothing to teach.
 
 --method sft: the same LoRA trained on gold traces with completion-only cross-entropy, the
 "traditional fine-tuning" expert the paper compares against.
@@ -133,6 +135,23 @@ def sft_step(model, enc, opt, batch, args):
     return {"loss": loss.item()}
 
 
+STOP_WINDOW = 5  # --stop_reward looks at the mean reward of this many last steps
+
+
+def reward_reached(curve, stop_reward, device, world):
+    """--stop_reward: has the sampled reward of the last STOP_WINDOW steps reached it on average? Once
+    nearly every rollout is right, nearly every group has zero advantage and the steps teach next to
+    nothing (on cpu, add and bool get there in 30-40 steps; ok and pick never). Under torchrun every
+    rank must stop at the same step: the slowest rank's view decides."""
+    if not stop_reward or len(curve) < STOP_WINDOW:
+        return False
+    reached = torch.tensor(float(sum(c["reward"] for c in curve[-STOP_WINDOW:]) / STOP_WINDOW >= stop_reward),
+                           device=device)
+    if world > 1:
+        dist.all_reduce(reached, op=dist.ReduceOp.MIN)
+    return bool(reached.item())
+
+
 def main():
     def extra(p):
         p.add_argument("--domain", required=True, rule="|".join(DOMAINS))
@@ -192,15 +211,19 @@ def main():
                     f" | len {stats['len']:.0f} | lr {lr:g}")
         else:
             line = f"step {step}/{args.steps} | loss {stats['loss']:.3f} | lr {lr:g}"
-        if rank == 0 and (args.eval_every and step % args.eval_every == 0 or step == args.steps):
+        solved = args.method == "rl" and reward_reached(curve, args.stop_reward, args.device, world)
+        if rank == 0 and (args.eval_every and step % args.eval_every == 0 or step == args.steps or solved):
             evals.append((step, greedy_accuracy(model, enc, args.domain, args.eval_n)))
             line += f" | greedy acc {evals[-1][1]:.2f}"
-        tqdm.write(line)
+        tqdm.write(line + (f" | stopped: mean reward of the last {STOP_WINDOW} steps >= {args.stop_reward}"
+                           if solved else ""))
         if rank == 0 and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
             save_atomic({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
                          "gen": gen.get_state(), "curve": curve, "evals": evals, "step": step, "config": vars(args),
                          "base": base_ckpt["fingerprint"]},
                         state_path)
+        if solved:
+            break
     train_s = timer()
     if world > 1:
         dist.barrier()  # every rank done with gloo before any tears it down (an abort under load otherwise)
@@ -210,7 +233,7 @@ def main():
     acc = {args.domain: evals[-1][1]}  # on the other domains: eval.py's tables
     start_acc = evals[0][1]
     print(f"{args.method} expert {args.domain}: own-domain greedy acc {start_acc:.2f} -> {acc[args.domain]:.2f} "
-          f"in {train_s:.0f}s")
+          f"in {len(curve)} steps, {train_s:.0f}s")
     save_adapter(out_path, model, base_ckpt, domain=args.domain, method=args.method, train_config=vars(args),
                  metrics={"curve": curve, "evals": evals, "accuracy": acc, "test_accuracy": acc[args.domain],
                           "base_accuracy": start_acc, "train_seconds": train_s})

@@ -144,7 +144,15 @@ def test_sft_targets_are_completion_only():
     assert ENC.decode(ids[n_prompt:-1]) == ex["completion"]
 
 
-def test_smoke_expert_end_to_end(tmp_path):
+def test_stop_reward_needs_the_last_steps_to_average_it():
+    curve = lambda *rewards: [{"reward": r} for r in rewards]
+    reached = lambda c, stop: train_expert.reward_reached(c, stop, "cpu", 1)
+    assert not reached(curve(1, 1, 1, 1), 0.98)  # fewer steps than the window
+    assert reached(curve(0, 1, 1, 1, 1, 0.9), 0.98) and not reached(curve(1, 1, 1, 1, 0.85), 0.98)
+    assert not reached(curve(1, 1, 1, 1, 1), 0.0)  # 0: never stop early
+
+
+def test_smoke_expert_end_to_end(tmp_path, monkeypatch):
     out = str(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda *a: subprocess.run([sys.executable, *a, "--preset", "smoke", "--out_dir", out], cwd=ROOT, env=env,
@@ -162,6 +170,14 @@ def test_smoke_expert_end_to_end(tmp_path):
         assert len(ad["meta"]["metrics"]["curve"]) == 3
     r = run("train_expert.py", "--domain", "chess")
     assert r.returncode != 0 and "--domain must be one of" in r.stderr and "Traceback" not in r.stderr
+
+    # --stop_reward: every rollout right from the first step, so training stops after the 5-step window
+    monkeypatch.setattr(train_expert, "verify", lambda text, answer: 1.0)
+    monkeypatch.setattr(sys, "argv", ["train_expert.py", "--preset", "smoke", "--out_dir", out, "--domain", "add",
+                                      "--steps", "30", "--eval_every", "0", "--stop_reward", "0.9"])
+    train_expert.main()
+    metrics = load_adapter(os.path.join(out, "experts", "add.pt"), base)["meta"]["metrics"]
+    assert len(metrics["curve"]) == 5 and metrics["evals"][-1][0] == 5  # evaluated where it stopped
 
 
 def test_packed_rollouts_give_the_padded_policy_loss():

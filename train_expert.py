@@ -217,13 +217,13 @@ def main():
             line += f" | greedy acc {evals[-1][1]:.2f}"
         tqdm.write(line + (f" | stopped: mean reward of the last {STOP_WINDOW} steps >= {args.stop_reward}"
                            if solved else ""))
+        if solved:  # done: no checkpoint to write, the expert file comes next
+            break
         if rank == 0 and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
             save_atomic({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "rng": rng.getstate(),
                          "gen": gen.get_state(), "curve": curve, "evals": evals, "step": step, "config": vars(args),
                          "base": base_ckpt["fingerprint"]},
                         state_path)
-        if solved:
-            break
     train_s = timer()
     if world > 1:
         dist.barrier()  # every rank done with gloo before any tears it down (an abort under load otherwise)

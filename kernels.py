@@ -25,9 +25,11 @@ against it, then timed (`python kernels.py`).
    matmuls per expert written in place, gathers instead of scatters, none of autograd's per-expert
    bookkeeping (autograd through the same loop was about 1.4x slower at E=32 on CPU).
 
-routed_lora picks between 2 and 3 by size (see `pick`). Compilation of 2 is lazy and cached; set
-NANOMOR_COMPILE=0 (or kernels.COMPILE = False) to run it eagerly, e.g. where compiling is slow. If
-torch.compile fails (no C++ compiler, say) it warns once and runs eagerly from then on.
+routed_lora picks between 2 and 3 by size (see `pick`). 2 is compiled on CUDA, lazily and once per
+process; on CPU it runs eagerly (compiled it is no faster there, `python kernels.py`, and each process
+would spend seconds compiling it). NANOMOR_COMPILE=1 compiles on every device, NANOMOR_COMPILE=0 (or
+kernels.COMPILE = False) on none. If torch.compile fails (no C++ compiler, say) it warns once and runs
+eagerly from then on.
 """
 import json
 import math
@@ -58,7 +60,7 @@ def routed_lora_reference(x, A, B, scale, idx, w):
 # ----------------------------------------------------------------------------------------------------
 # 2. fused: concatenated ranks, torch.compile
 
-COMPILE = os.environ.get("NANOMOR_COMPILE", "1") != "0"
+COMPILE = {"1": True, "0": False}.get(os.environ.get("NANOMOR_COMPILE"))  # None: on CUDA only
 _compiled = None  # torch.compile(_concat_ranks), built on the first call
 
 
@@ -72,7 +74,7 @@ def _concat_ranks(x, A, B, scale, idx, w):
 
 def routed_lora_fused(x, A, B, scale, idx, w):
     global _compiled, COMPILE
-    if COMPILE:
+    if COMPILE or (COMPILE is None and x.is_cuda):
         try:
             if _compiled is None:
                 _compiled = torch.compile(_concat_ranks)  # no data-dependent shapes inside
@@ -293,6 +295,9 @@ def main():
     ap.add_argument("--threads", type=int, default=0, rule=">= 0, 0: torch's default",
                     help="CPU threads (1 is steadier on a machine shared with other jobs)")
     args = ap.parse_args()
+    global COMPILE
+    if COMPILE is None:  # the benchmark times the compiled kernel on every device
+        COMPILE = True
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

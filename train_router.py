@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import kernels
 from common import (Timer, autocast, die, encode_example, first_distinct, greedy_accuracy, load_base,
                     load_resume_state, make_out_dir, parse_args, peak_memory, per_rank, read_traces, save_atomic,
                     setup_ddp, training_batch)
@@ -132,10 +131,6 @@ def main():
     if len(set(domains)) != len(domains):
         die(f"--domains names an expert twice: {args.domains}")
     args.name = args.name or default_name(args)
-    if not args.device.startswith("cuda") and os.environ.get("NANOMOR_COMPILE") != "1":
-        # on CPU the compiled routed kernel is no faster (python kernels.py), and every new batch shape
-        # would compile it again; NANOMOR_COMPILE=1 compiles anyway
-        kernels.COMPILE = False
     expert_files = [os.path.join(args.out_dir, "experts", f"{d}.pt") for d in domains]
     for d, f in zip(domains, expert_files):
         if not os.path.exists(f):

@@ -159,3 +159,17 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, capsys):
     y = kernels.routed_lora_fused(x, A, B, scale, idx, w)
     assert not kernels.COMPILE and capsys.readouterr().out.count("torch.compile failed") == 1
     assert torch.allclose(y, kernels.routed_lora_reference(x, A, B, scale, idx, w), atol=1e-5)
+
+
+def test_fused_compiles_on_cuda_only_unless_told(monkeypatch):
+    # NANOMOR_COMPILE unset: on CPU the fused kernel runs eagerly (compiled it is no faster there, and
+    # each process would spend seconds compiling it); the compiled function is never built or called
+    def never(*args):
+        raise AssertionError("compiled on CPU")
+    monkeypatch.setattr(kernels, "COMPILE", None)
+    monkeypatch.setattr(kernels, "_compiled", never)
+    x, logits, A, B, scale = problem()
+    idx, w = hard_top1(logits)
+    y = kernels.routed_lora_fused(x, A, B, scale, idx, w)
+    assert kernels.COMPILE is None
+    assert torch.allclose(y, kernels.routed_lora_reference(x, A, B, scale, idx, w), atol=1e-5)

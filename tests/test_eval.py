@@ -221,8 +221,8 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-STAGES = (["pretrain"] + [f"expert:{d}" for d in ("ok", "pick", "bool", "add", "hop")] +
-          ["distill", "mor_hard", "mor_paper", "router_only", "attn_only", "attn_fast", "mor_gumbel", "lorahub", "mor_soft", "moe_soft"] +
+STAGES = (["pretrain"] + [f"expert:{d}" for d in ("ok", "pick", "bool", "hop", "add")] +
+          ["distill", "mor_gumbel", "mor_hard", "router_only", "mor_paper", "mor_soft", "lorahub", "attn_fast", "moe_soft", "attn_only"] +
           [f"sft:{d}" for d in DOMAINS] + ["eval"])
 
 
@@ -236,7 +236,7 @@ def test_run_sh_times_every_stage_then_skips_them_all(smoke):
     started, done = (lambda s: order.index(s)), (lambda s: len(order) - 1 - order[::-1].index(s))
     assert all(done(f"expert:{d}") < started("distill") for d in DOMAINS)
     assert all(done("distill") < started(r) for r in STAGES[7:-6])
-    assert STAGES[7:-6][-1] == "moe_soft"
+    assert STAGES[7:-6][-1] == "attn_only"
     assert all(done(s) < started("eval") for s in STAGES[:-1])
 
     again = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -44,7 +44,8 @@ class Router(nn.Module):
 
     One weight shared by all layers (the method); per_layer=True gives each layer its own (the relearn
     baseline). `forced` (one expert id for every token, or a (B,) long tensor of ids, one per sequence,
-    or "random": a uniformly random expert for every token at every layer; None: the router decides)
+    or a (B, T) one, one per token of a forward over exactly those T positions, or "random": a
+    uniformly random expert for every token at every layer; None: the router decides)
     overrides the choice but keeps the mode's weight rule, for the oracle / seq_router baselines, the
     random-router control and for tests.
     With `record` on, the last forward's p, idx and w of each layer are kept in `records[layer]`; with
@@ -77,6 +78,10 @@ class Router(nn.Module):
             idx = torch.randint(p.shape[1], (B * T, 1), generator=self.random).to(x.device)
         elif self.forced is not None and self.forced.dim() == 0:
             idx = self.forced.to(x.device).expand(B * T, 1)
+        elif self.forced is not None and self.forced.dim() == 2:
+            if tuple(self.forced.shape) != (B, T):
+                raise ValueError(f"forced routing names experts for {tuple(self.forced.shape)} tokens, the batch has {(B, T)}")
+            idx = self.forced.to(x.device).reshape(B * T, 1)
         elif self.forced is not None:
             if self.forced.numel() != B:
                 raise ValueError(f"forced routing names {self.forced.numel()} experts for a batch of {B} sequences")
@@ -207,7 +212,8 @@ def expert_index(model, domain):
 @contextlib.contextmanager
 def forced_experts(model, ids):
     """Route every token to expert ids (an int), every token of sequence b to expert ids[b] (a list or
-    (B,) tensor), or every token at every layer to a random expert ("random") inside the block."""
+    (B,) tensor), token t of sequence b to ids[b][t] (a (B, T) tensor), or every token at every layer
+    to a random expert ("random") inside the block."""
     old = model.router.forced
     model.router.forced = ids if isinstance(ids, str) else torch.as_tensor(ids, dtype=torch.long)
     try:

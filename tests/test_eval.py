@@ -302,3 +302,33 @@ def test_missing_base_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--preset", "smoke", "--out_dir", str(tmp_path)], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: base model not found: {tmp_path / 'base.pt'}"]
+
+
+def test_diagnose_forces_each_part_and_finds_lost_prompts(smoke):
+    # diagnose.py's per-token forcing, one expert for both parts, answers as that expert forced on the
+    # whole sequence does (the same loop, the same shapes); then both commands end to end on the smoke run
+    import copy
+    from common import load_base
+    from diagnose import answer
+    from router import forced_experts, load_mor
+    from tasks import MAX_NEW_TOKENS_MIXED
+    out, _ = smoke
+    base, enc, ckpt = load_base(out, "cpu")
+    model = load_mor(os.path.join(out, "mor", "mor_hard.pt"), copy.deepcopy(base), ckpt).eval()
+    prompts = [e["prompt"] for e in mixed_examples("test", 3)]
+    for e in (0, 3):
+        with forced_experts(model, e):
+            want = [answer(model, enc, p, MAX_NEW_TOKENS_MIXED) for p in prompts]
+        assert [answer(model, enc, p, MAX_NEW_TOKENS_MIXED, (e, e)) for p in prompts] == want
+    assert model.router.forced is None
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "diagnose.py", "mixed", "--out_dir", out, "--n", "4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^all +\| router \d/\d/\d of 4 \| oracle \d/\d/\d of 4$", r.stdout, re.M), r.stdout
+    r = subprocess.run([sys.executable, "diagnose.py", "lost", "--out_dir", out, "--domain", "add", "--n", "8"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and re.search(r"mor_hard loses \d+ of the first 8 add test prompts", r.stdout), r.stderr
+    r = subprocess.run([sys.executable, "diagnose.py", "lost", "--out_dir", out, "--system", "nope"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1

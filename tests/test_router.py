@@ -73,6 +73,26 @@ def test_forced_hard_routing_is_the_expert_alone(setup):
         assert not torch.allclose(want, base(idx)[0], atol=1e-3)  # the expert really changes something
 
 
+def test_forced_per_token_routing_follows_each_token(setup):
+    # a (B, T) forced routing: a sequence whose every token names the same expert is that expert's
+    # forced sequence; a sequence switching experts midway is causal, so its first tokens are unchanged
+    base, ckpt, files = setup
+    idx = tokens()
+    hard = compose(copy.deepcopy(base), ckpt, files, routing="hard", attn_lora_r=0)
+    with forced_experts(hard, [1, 1]):
+        want1, _ = hard(idx)
+    with forced_experts(hard, [2, 2]):
+        want2, _ = hard(idx)
+    switch = torch.tensor([[1] * 4 + [2] * 6, [1] * 10])
+    with forced_experts(hard, switch):
+        got, _ = hard(idx)
+    assert torch.allclose(got[1], want1[1], atol=1e-6) and torch.allclose(got[0, :4], want1[0, :4], atol=1e-6)
+    assert not torch.allclose(got[0, 4:], want1[0, 4:], atol=1e-3)  # from token 4 on expert 2 writes
+    assert not torch.allclose(got[0, 4:], want2[0, 4:], atol=1e-3)  # ... over keys that expert 1 wrote
+    with forced_experts(hard, switch[:, :5]), pytest.raises(ValueError, match="forced routing"):
+        hard(idx)
+
+
 def router_grad(model, idx):
     _, loss = model(idx[:, :-1], idx[:, 1:].contiguous())
     loss.backward()

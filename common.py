@@ -36,7 +36,7 @@ PRESETS = {
                        attn_only=False, traces=0, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=8, seed=0, pack=True, ckpt_every=5),
         "lorahub": dict(steps=10, examples=16, l1=0.05, seed=0),
-        "eval": dict(n_test=8, n_kl=8, n_cls=16, batch_size=64, seed=0),
+        "eval": dict(n_test=8, n_kl=8, n_route=6, n_cls=16, batch_size=64, seed=0),
     },
     "cpu": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
@@ -68,8 +68,8 @@ PRESETS = {
                        mixed_frac=0.25, eval_n=50, seed=0, pack=True, ckpt_every=25),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
         # 150 test prompts per domain: eval is a fifth of the pipeline, and its tables report means over seeds;
-        # the KL and decisive-token figures are means over the tokens of 50 answers per domain
-        "eval": dict(n_test=150, n_kl=50, n_cls=200, batch_size=256, seed=0),
+        # the KL, decisive-token and routing figures are means over the tokens of 50 answers per domain
+        "eval": dict(n_test=150, n_kl=50, n_route=50, n_cls=200, batch_size=256, seed=0),
     },
     "gpu": {  # pack=False: without a mask SDPA can use flash attention
         "model": dict(n_layer=8, n_head=8, n_embd=512, block_size=256),
@@ -86,7 +86,7 @@ PRESETS = {
                        attn_only=False, traces=128, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=500, seed=0, pack=False, ckpt_every=100),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
-        "eval": dict(n_test=500, n_kl=200, n_cls=500, batch_size=512, seed=0),
+        "eval": dict(n_test=500, n_kl=200, n_route=200, n_cls=500, batch_size=512, seed=0),
     },
 }
 
@@ -114,7 +114,7 @@ FLAGS = {
     "traces": ">= 0, 0: all", "route_loss": ">= 0, 0: the LM loss alone (the paper's)",
     "decisive_weight": ">= 0, 0: every position alike",
     "examples": ">= 1", "l1": ">= 0",
-    "n_test": ">= 1", "n_kl": ">= 0, 0: no KL or decisive tokens", "n_cls": ">= 1",
+    "n_test": ">= 1", "n_kl": ">= 0, 0: no KL or decisive tokens", "n_route": ">= 1", "n_cls": ">= 1",
 }
 
 def die(msg):

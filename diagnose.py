@@ -3,6 +3,7 @@ Where the method loses: two diagnostics on a finished run (not a stage of run.sh
 
     python diagnose.py mixed --out_dir out/cpu              # mor_hard on the first 60 mixed test prompts
     python diagnose.py lost --out_dir out/cpu --domain hop  # the hop prompts mor_hard loses to the hop expert
+    python diagnose.py heldout --out_dir out/cpu            # mor_hard against each expert on 300 more prompts
 
 mixed: each mixed test prompt answered twice, greedily, with the router's own choices and with each
 part's expert forced at every layer on every token of its part: the first question and the first
@@ -14,6 +15,10 @@ every token (no KV cache: the forced experts follow the tokens), one prompt at a
 lost: the first --n test prompts of --domain that the domain's expert alone answers right and the
 system wrong, each with the first token where the two answers part and the expert the router chose
 for the position that wrote it, at every layer, with its probability.
+
+heldout: the 95%-of-each-expert check of eval.py on another sample: --n prompts per domain of the
+`router` split (drawn afresh, none among the traces stage 2 trained on), each domain's expert alone
+against the system, greedy.
 """
 import contextlib
 import copy
@@ -21,7 +26,7 @@ import os
 
 import torch
 
-from common import Parser, die, encode_example, generate_text, load_base
+from common import Parser, die, encode_example, first_distinct, generate_text, load_base, read_traces
 from eval import routing_records
 from lora import apply_adapter, load_adapter
 from router import expert_index, forced_experts, load_mor
@@ -82,13 +87,25 @@ def lost(model, expert, enc, domain, n):
     return rows
 
 
+def heldout(model, experts, enc, trained, n):
+    """{domain: (system's right answers, expert's right answers, n)} on n router-split prompts per domain
+    that are not among `trained` (the prompts of the traces stage 2 read)."""
+    counts = {}
+    for d, expert in experts.items():
+        exs = [e for e in examples(d, "router", 20 * n, seed=10_000) if e["prompt"] not in trained[d]][:n]
+        prompts = [e["prompt"] for e in exs]
+        counts[d] = tuple(sum(score(e, o) for e, o in zip(exs, generate_text(m, enc, prompts, MAX_NEW_TOKENS)))
+                          for m in (model, expert)) + (len(exs),)
+    return counts
+
+
 def main():
     p = Parser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("what", choices=["mixed", "lost"])
+    p.add_argument("what", choices=["mixed", "lost", "heldout"])
     p.add_argument("--out_dir", default="out/cpu", rule="text", help="a finished run (bash run.sh)")
     p.add_argument("--system", default="mor_hard", rule="text", help="a routed system, OUT/mor/NAME.pt")
     p.add_argument("--domain", default="hop", rule="|".join(DOMAINS), help="lost: the domain")
-    p.add_argument("--n", type=int, default=0, rule=">= 0, 0: 60 mixed prompts, or 150 test prompts")
+    p.add_argument("--n", type=int, default=0, rule=">= 0, 0: 60 mixed prompts, 150 test prompts, 300 held-out ones")
     args = p.parse_args()
     path = os.path.join(args.out_dir, "mor", f"{args.system}.pt")
     if not os.path.exists(path):
@@ -102,9 +119,20 @@ def main():
             print(f"{key:9s} | " + " | ".join(f"{how} {'/'.join(map(str, counts[how, key][:3]))} of {counts[how, key][3]}"
                                              for how in ("router", "oracle")))
         return
-    expert = copy.deepcopy(base)
-    apply_adapter(expert, load_adapter(os.path.join(args.out_dir, "experts", f"{args.domain}.pt"), base_ckpt))
-    rows = lost(model, expert.eval(), enc, args.domain, args.n or 150)
+    experts = {}
+    for d in ([args.domain] if args.what == "lost" else [x["domain"] for x in model.router.expert_info]):
+        experts[d] = copy.deepcopy(base)
+        apply_adapter(experts[d], load_adapter(os.path.join(args.out_dir, "experts", f"{d}.pt"), base_ckpt))
+        experts[d].eval()
+    if args.what == "heldout":
+        n_traces = torch.load(path, map_location="cpu", weights_only=True)["meta"]["train_config"]["traces"]
+        traces = read_traces(os.path.join(args.out_dir, "distill"), list(experts))
+        trained = {d: {t["prompt"] for t in first_distinct(traces[d], n_traces)} for d in experts}
+        print(f"{args.system} against each expert alone on router-split prompts stage 2 did not train on: right answers")
+        for d, (ours, theirs, n) in heldout(model, experts, enc, trained, args.n or 300).items():
+            print(f"{d:5s} | {args.system} {ours:.0f} | expert:{d} {theirs:.0f} | of {n} | ratio {ours / max(theirs, 1):.3f}")
+        return
+    rows = lost(model, experts[args.domain], enc, args.domain, args.n or 150)
     print(f"{args.system} loses {len(rows)} of the first {args.n or 150} {args.domain} test prompts that expert:{args.domain} gets right")
     for prompt, a, b, start, route in rows:
         print(f"{prompt!r}: expert {a!r}, {args.system} {b!r}; after {start!r} the router chose "

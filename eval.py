@@ -33,7 +33,9 @@ Measures:
     params        trainable: what is trained to build the system from the base and the given experts
                   (DESIGN.md section 2, "what is trained"); total: every parameter it holds
     purity        share of a domain's completion tokens that the router sends to that domain's
-                  expert (top-1 choice for soft routing), per layer and over all layers
+                  expert (top-1 choice for soft routing), per layer and over all layers; this and the
+                  four measures below on the answers to the first n_route prompts of each domain and of
+                  the mixed ones (a teacher-forced pass over them with the router recording)
     mixed purity  the same on mixed answers: tokens before the " | " belong to the first question's
                   expert, from the "|" on to the second's
     concentration mean of max_e p_e, and the share of tokens whose max_e p_e > 0.9
@@ -339,7 +341,8 @@ def routing_analysis(model, enc, tests, mixed, answers, traces, args):
     res = {"purity": {}, "purity_per_layer": {}, "confusion": {}, "decisive": {}, "experts": domains}
     routes, all_p = {}, []
     for d, exs in [*tests.items(), ("mixed", mixed)]:
-        seqs = sequences(enc, [e["prompt"] for e in exs], answers[d])
+        exs = exs[:args.n_route]
+        seqs = sequences(enc, [e["prompt"] for e in exs], answers[d][:args.n_route])
         routes[d] = completion_routing(model, seqs, enc, args.batch_size, args.device)
         if d == "mixed":
             continue
@@ -417,6 +420,7 @@ def report(res):
         rows = [[s] + [fmt(r["purity"][d]) for d in doms] + [fmt(r["mixed_purity"]), fmt(r["max_weight_mean"]),
                 fmt(r["max_weight_gt_0.9"]), fmt(r["switches_per_mixed_answer"])] for s, r in res["routing"].items()]
         parts += ["## Routing",
+                  f"On the answers to the first {res['n_route']} test prompts of each domain and mixed prompts. "
                   "purity: share of a domain's completion tokens (all layers) routed to that domain's expert, by "
                   "the top-1 choice. mixed: the same on mixed answers, each part against its own domain's "
                   "expert. max p: mean of the largest routing probability; > 0.9: share of tokens where it "
@@ -457,11 +461,12 @@ with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "routing_page
 
 
 def page_samples(enc, tests, mixed, answers, routes, per_domain=3, n_mixed=8):
-    """A few answers per domain and a few mixed ones, each token with its expert at every layer."""
+    """A few answers per domain and a few mixed ones (of those with routes), each token with its expert
+    at every layer."""
     eos = enc.encode_single_token("<|eos|>")
     samples = []
-    picks = [(d, range(min(per_domain, len(exs)))) for d, exs in tests.items()]
-    picks.append(("mixed", range(0, len(mixed), 3)[:n_mixed]))  # every 3rd: mixed prompts cycle through the pairs
+    picks = [(d, range(min(per_domain, len(routes[d])))) for d in tests]
+    picks.append(("mixed", range(0, len(routes["mixed"]), 3)[:n_mixed]))  # every 3rd: mixed prompts cycle through the pairs
     for d, rows in picks:
         exs = mixed if d == "mixed" else tests[d]
         for i in rows:
@@ -647,7 +652,8 @@ def main():
     longest = max(len(encode_example(enc, e["prompt"])[0]) for e in mixed)
     if longest + MAX_NEW_TOKENS_MIXED > base.config.block_size:
         die(f"mixed prompts need {longest + MAX_NEW_TOKENS_MIXED} positions, the base has block_size {base.config.block_size}")
-    res = {"preset": args.preset, "seed": args.seed, "n_test": args.n_test, "n_kl": args.n_kl, "domains": DOMAINS,
+    res = {"preset": args.preset, "seed": args.seed, "n_test": args.n_test, "n_kl": args.n_kl,
+           "n_route": min(args.n_route, args.n_test), "domains": DOMAINS,
            "accuracy": {}, "params": {}, "routing": {}, "behavior_kl": {}, "skipped": {}, "seconds": {}}
     t = Timer()
     traces = reference_traces(base, base_ckpt, enc, args)

@@ -135,6 +135,15 @@ def sft_step(model, enc, opt, batch, args):
     return {"loss": loss.item()}
 
 
+def base_accuracy(model, enc, base_ckpt, domain, n):
+    """Step 0's held-out accuracy: the base's own (an expert starts as the base, its B zero), from
+    base.pt when pretraining measured it on the same n test prompts, else measured."""
+    measured = (base_ckpt.get("metrics") or {}).get("accuracy") or {}
+    if (base_ckpt.get("train_config") or {}).get("eval_n") == n and domain in measured:
+        return measured[domain]
+    return greedy_accuracy(model, enc, domain, n)
+
+
 STOP_WINDOW = 5  # --stop_reward looks at the mean reward of this many last steps
 
 
@@ -192,7 +201,7 @@ def main():
     else:
         curve, evals, start = [], [], 0
         if rank == 0:  # rank 0 alone evaluates
-            evals.append((0, greedy_accuracy(model, enc, args.domain, args.eval_n)))
+            evals.append((0, base_accuracy(model, enc, base_ckpt, args.domain, args.eval_n)))
             print(f"step 0/{args.steps} | greedy acc {evals[0][1]:.2f} (held-out)")
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"{args.method}:{args.domain}", dynamic_ncols=True,
                leave=False, initial=start, total=args.steps,

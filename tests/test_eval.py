@@ -329,6 +329,10 @@ def test_diagnose_forces_each_part_and_finds_lost_prompts(smoke):
     r = subprocess.run([sys.executable, "diagnose.py", "lost", "--out_dir", out, "--domain", "add", "--n", "8"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and re.search(r"mor_hard loses \d+ of the first 8 add test prompts", r.stdout), r.stderr
+    r = subprocess.run([sys.executable, "diagnose.py", "heldout", "--out_dir", out, "--n", "4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len(re.findall(r"^\w+ +\| mor_hard \d \| expert:\w+ \d \| of 4 \| ratio", r.stdout, re.M)) == 5, \
+        r.stdout + r.stderr
     r = subprocess.run([sys.executable, "diagnose.py", "lost", "--out_dir", out, "--system", "nope"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1

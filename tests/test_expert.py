@@ -193,3 +193,16 @@ def test_packed_rollouts_give_the_padded_policy_loss():
         losses.append(train_expert.policy_loss(model, idx, tgt, adv[seq.clamp(min=0)], pos, mask, kl=0.1).item())
     assert idx.shape[0] < len(seqs)  # packed: fewer rows
     assert abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_step_0_reads_the_base_accuracy_pretraining_measured_on_the_same_prompts():
+    # an expert starts as the base (B = 0): its step-0 accuracy is the base's, which pretraining measured;
+    # on another number of prompts it is measured here, and equals what pretraining would have stored
+    model = tiny_with_lora().eval()
+    measured = train_expert.greedy_accuracy(model, ENC, "add", 4)
+    ckpt = {"metrics": {"accuracy": {"add": 0.75}}, "train_config": {"eval_n": 4}}
+    assert train_expert.base_accuracy(model, ENC, ckpt, "add", 4) == 0.75
+    assert train_expert.base_accuracy(model, ENC, ckpt, "add", 5) == train_expert.greedy_accuracy(model, ENC, "add", 5)
+    assert train_expert.base_accuracy(model, ENC, {}, "add", 4) == measured
+    for layer in lora_layers(model).values():  # the zero B of a fresh expert: the base's own answers
+        assert not layer.B.any()

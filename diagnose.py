@@ -63,8 +63,8 @@ def mixed(model, enc, n):
             got = answer(model, enc, ex["prompt"], MAX_NEW_TOKENS_MIXED, parts).split(SEP.strip())
             right = [len(got) == 2 and bool(verify(got[i], ex["answers"][i])) for i in (0, 1)]
             for key in (ex["domain"], "all"):
-                c = counts.setdefault((how, key), [0, 0, 0, 0])
-                c[0], c[1], c[2], c[3] = c[0] + right[0], c[1] + right[1], c[2] + all(right), c[3] + 1
+                c = counts.get((how, key), [0, 0, 0, 0])
+                counts[how, key] = [total + x for total, x in zip(c, (*right, all(right), 1))]
     return counts
 
 

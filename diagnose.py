@@ -1,5 +1,5 @@
 """
-Where the method loses: two diagnostics on a finished run (not a stage of run.sh).
+Where the method loses: three diagnostics on a finished run (not a stage of run.sh).
 
     python diagnose.py mixed --out_dir out/cpu              # mor_hard on the first 60 mixed test prompts
     python diagnose.py lost --out_dir out/cpu --domain hop  # the hop prompts mor_hard loses to the hop expert

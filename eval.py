@@ -6,8 +6,9 @@ picture of the routing.
 Systems (every one answers the same prompts: tasks.examples(D, "test", n_test) and
 tasks.mixed_examples("test", n_test), greedy):
     base          the frozen base model
-    expert:D      base + D's RLVF expert (OUT/experts/D.pt)
-    sft:D         base + D's SFT expert (OUT/experts/D_sft.pt), on D's test prompts only
+    expert:D      base + D's RLVF expert (OUT/experts/D.pt), on D's test prompts only (elsewhere it is
+                  the base: an expert is trained on one domain, and every table compares it there)
+    sft:D         base + D's SFT expert (OUT/experts/D_sft.pt), the same
     merge         one LoRA, the uniform average of the RLVF experts' A's and, separately, of their B's
                   (LoRAHub with equal weights), applied at the experts' scale alpha / r
     lorahub       the same with searched weights, OUT/mor/lorahub.pt (lorahub.py; its weights in eval.json)
@@ -388,7 +389,7 @@ def accuracy_table(res):
     rows = []
     for s, acc in res["accuracy"].items():
         known = [acc[d] for d in res["domains"] if acc[d] is not None]
-        mean = sum(known) / len(known) if len(known) == len(res["domains"]) else None  # sft:D: its own domain only
+        mean = sum(known) / len(known) if len(known) == len(res["domains"]) else None  # expert:D, sft:D: their own domain only
         rows.append([s] + [fmt(acc[c]) for c in cols] + [fmt(mean)])
     return table(["system"] + cols + ["mean (domains)"], rows)
 
@@ -525,7 +526,7 @@ def evaluate(name, model, enc, tests, mixed, traces, classifier, args, res):
     """Every measure of one built system, into res. Returns its answers and, for routed systems, routes."""
     swap = name.split("+")[1] if "+" in name else None
     pick, kl_forced = None, None
-    if name.startswith("sft:"):  # compared with the RLVF expert on its own domain only; elsewhere it is the base
+    if name.startswith(("expert:", "sft:")):  # scored on its own domain only; elsewhere it is the base
         own = name.split(":")[1]
         tests, mixed, traces = {own: tests[own]}, [], {d: t for d, t in traces.items() if d == own}
     if name == "seq_router":  # the classifier picks one expert per prompt

@@ -184,8 +184,9 @@ def test_smoke_pipeline_writes_eval_json(smoke):
     for s, acc in res["accuracy"].items():
         assert list(acc) == DOMAINS + ["mixed"]
         for d, a in acc.items():
-            if (s in ("oracle", "mor_hard+oracle") and d == "mixed") or (s.startswith("sft:") and d != s[4:]):
-                assert a is None  # no one expert for mixed prompts; an SFT expert on its own domain only
+            own_only = s.startswith(("expert:", "sft:"))  # an expert is scored on its own domain only
+            if (s in ("oracle", "mor_hard+oracle") and d == "mixed") or (own_only and d != s.split(":")[1]):
+                assert a is None  # no one expert for mixed prompts
             else:
                 assert 0.0 <= a <= 1.0 and a * 8 == int(a * 8)  # a share of the 8 prompts
     assert all(res["accuracy"]["oracle"][d] == res["accuracy"][f"expert:{d}"][d] for d in DOMAINS)
@@ -211,7 +212,7 @@ def test_smoke_pipeline_writes_eval_json(smoke):
         assert r["switches_per_mixed_answer"] >= 0.0
     assert set(res["behavior_kl"]) == set(systems)
     for s, kl in res["behavior_kl"].items():
-        assert list(kl) == ([s[4:]] if s.startswith("sft:") else DOMAINS) and all(x >= -1e-6 for x in kl.values())
+        assert list(kl) == ([s.split(":")[1]] if s.startswith(("expert:", "sft:")) else DOMAINS) and all(x >= -1e-6 for x in kl.values())
     assert all(abs(res["behavior_kl"][f"expert:{d}"][d]) < 1e-6 for d in DOMAINS)  # an expert against itself
     assert set(systems) - {"oracle"} <= set(res["seconds"]) and res["seconds"]["total"] > 0
     report = open(os.path.join(out, "report.md")).read()

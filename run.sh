@@ -93,24 +93,28 @@ for d in ok pick bool hop add; do  # the slowest first (measured): the critical 
   add "expert:$d" "$out/experts/$d.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d"
   rl="$rl expert:$d"
 done
-add distill "$out/distill/hop.jsonl" "$rl" $py distill.py "${common[@]}"
+traces=""
+for d in ok pick bool hop add; do  # each domain's traces as soon as its expert is done
+  add "distill:$d" "$out/distill/$d.jsonl" "expert:$d" $py distill.py "${common[@]}" --domains "$d"
+  traces="$traces distill:$d"
+done
 # stage 2: the method, its controls and the baselines, all on the same traces, steps and rates, the
 # slowest first (measured) so that the last ones to end are short: mor_gumbel (a Gumbel-softmax sample
 # in training), mor_hard (the method), router_only (no attention LoRA), mor_paper (the paper's exact
 # recipe: no routing loss), mor_soft / moe_soft (soft top-2 over frozen experts / per layer, experts
 # trainable), lorahub (the searched merge), attn_fast (the attention LoRA alone at a rate that lets it
 # learn what it can; the method's is kept slow), attn_only (the same at the method's rate)
-add mor_gumbel "$out/mor/mor_gumbel.pt" "distill" $py train_router.py "${common[@]}" --name mor_gumbel --routing gumbel
-add mor_hard "$out/mor/mor_hard.pt" "distill" $py train_router.py "${common[@]}" --name mor_hard
-add router_only "$out/mor/router_only.pt" "distill" $py train_router.py "${common[@]}" --name router_only --attn_lora_r 0
-add mor_paper "$out/mor/mor_paper.pt" "distill" $py train_router.py "${common[@]}" --name mor_paper --route_loss 0
-add mor_soft "$out/mor/mor_soft.pt" "distill" $py train_router.py "${common[@]}" --name mor_soft \
+add mor_gumbel "$out/mor/mor_gumbel.pt" "$traces" $py train_router.py "${common[@]}" --name mor_gumbel --routing gumbel
+add mor_hard "$out/mor/mor_hard.pt" "$traces" $py train_router.py "${common[@]}" --name mor_hard
+add router_only "$out/mor/router_only.pt" "$traces" $py train_router.py "${common[@]}" --name router_only --attn_lora_r 0
+add mor_paper "$out/mor/mor_paper.pt" "$traces" $py train_router.py "${common[@]}" --name mor_paper --route_loss 0
+add mor_soft "$out/mor/mor_soft.pt" "$traces" $py train_router.py "${common[@]}" --name mor_soft \
   --routing soft --top_k 2
-add lorahub "$out/mor/lorahub.pt" "distill" $py lorahub.py "${common[@]}"
-add attn_fast "$out/mor/attn_fast.pt" "distill" $py train_router.py "${common[@]}" --name attn_fast --attn_only --attn_lr 1e-2
-add moe_soft "$out/mor/moe_soft.pt" "distill" $py train_router.py "${common[@]}" --name moe_soft \
+add lorahub "$out/mor/lorahub.pt" "$traces" $py lorahub.py "${common[@]}"
+add attn_fast "$out/mor/attn_fast.pt" "$traces" $py train_router.py "${common[@]}" --name attn_fast --attn_only --attn_lr 1e-2
+add moe_soft "$out/mor/moe_soft.pt" "$traces" $py train_router.py "${common[@]}" --name moe_soft \
   --routing soft --top_k 2 --per_layer --train_experts
-add attn_only "$out/mor/attn_only.pt" "distill" $py train_router.py "${common[@]}" --name attn_only --attn_only
+add attn_only "$out/mor/attn_only.pt" "$traces" $py train_router.py "${common[@]}" --name attn_only --attn_only
 routers="mor_hard mor_paper router_only attn_only attn_fast mor_gumbel lorahub mor_soft moe_soft"
 sft=""
 for d in add bool pick ok hop; do  # only eval needs them: they fill the gaps

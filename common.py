@@ -71,7 +71,7 @@ PRESETS = {
                        attn_only=False, traces=64, route_loss=1.0, decisive_weight=100.0,
                        mixed_frac=0.25, eval_n=50, seed=0, pack=True, ckpt_every=25),
         "lorahub": dict(steps=40, examples=128, l1=0.05, seed=0),
-        # 150 test prompts per domain: eval is a fifth of the pipeline, and its tables report means over seeds;
+        # 150 test prompts per domain: eval is an eighth of the pipeline, and its tables report means over seeds;
         # the KL, decisive-token and routing figures are means over the tokens of 50 answers per domain
         "eval": dict(n_test=150, n_kl=50, n_route=50, n_cls=200, batch_size=256, seed=0),
     },

@@ -89,12 +89,13 @@ common=(--preset "$preset" --out_dir "$out" --seed "$seed")
 
 add pretrain "$out/base.pt" "" $py pretrain.py "${common[@]}"
 rl=""
-for d in ok pick bool hop add; do  # the slowest first (measured): the critical path is RLVF -> distill -> routers
+rl_order="ok pick bool hop add"  # the slowest first (measured): the critical path is RLVF -> distill -> routers
+for d in $rl_order; do
   add "expert:$d" "$out/experts/$d.pt" "pretrain" $py train_expert.py "${common[@]}" --domain "$d"
   rl="$rl expert:$d"
 done
 traces=""
-for d in ok pick bool hop add; do  # each domain's traces as soon as its expert is done
+for d in $rl_order; do  # each domain's traces as soon as its expert is done
   add "distill:$d" "$out/distill/$d.jsonl" "expert:$d" $py distill.py "${common[@]}" --domains "$d"
   traces="$traces distill:$d"
 done
